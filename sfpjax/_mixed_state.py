@@ -1,0 +1,264 @@
+"""Exact statistics over all words: myopic entropies, the mixed-state presentation, entropy rate.
+
+The myopic entropy ``H(X_{n+1} | X_{1:n}) = sum_w Pr(w) H[Pr(. | w)]`` over words ``w`` of
+length ``n`` is the lowest cross-entropy any predictor can reach at context position ``n``:
+the loss floor a trained transformer is compared with. It decreases in ``n`` towards the
+entropy rate ``h``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._beliefs import _check_process, filter_beliefs
+from ._ghmm import GHMM
+from ._sampling import sample
+
+__all__ = [
+    "MixedStatePresentation",
+    "entropy_rate",
+    "mixed_state_presentation",
+    "myopic_entropies",
+    "num_distinct_beliefs",
+    "word_beliefs",
+]
+
+# Enumerating V**n words is exact but exponential; past this many rows use the merged
+# mixed-state presentation instead.
+_MAX_ENUMERATED_WORDS = 1 << 24
+
+
+def _entropy(p: Array) -> Array:
+    safe = jnp.where(p > 0, p, 1.0)
+    return -(p * jnp.log(safe)).sum(-1)
+
+
+def _children(process: GHMM, unnorm: Float[Array, "n d"]) -> Float[Array, "m d"]:
+    # Unnormalized row vectors <<eta(0)|T(w x)| for every word w in the level and symbol x;
+    # words stay unnormalized so Pr(w) = <<eta(0)|T(w)|1>> is exact, with a per-level
+    # rescaling to keep the numbers in range.
+    V, d, _ = process.T.shape
+    return jnp.einsum("ni,xij->nxj", unnorm, process.T).reshape(-1, d)
+
+
+def _check_depth(process: GHMM, depth: int, name: str) -> int:
+    depth = int(depth)
+    if depth < 0:
+        raise ValueError(f"{name} must be >= 0, got {depth}.")
+    if process.vocab_size ** depth > _MAX_ENUMERATED_WORDS:
+        raise ValueError(
+            f"{name}={depth} would enumerate {process.vocab_size}**{depth} words (more than "
+            f"{_MAX_ENUMERATED_WORDS}); use mixed_state_presentation(process, depth), which merges "
+            "equal beliefs, or a smaller depth."
+        )
+    return depth
+
+
+def word_beliefs(process: GHMM, length: int) -> tuple[Float[Array, "n d"], Float[Array, " n"]]:
+    """Beliefs after, and probabilities of, all ``V**length`` words of a given length.
+
+    Word ``w = x_1..x_n`` sits at row ``sum_t x_t V**(n - t)`` (first symbol most
+    significant). Impossible words get probability 0 and an all-zero belief row.
+    Jittable and vmappable over stacked processes (``length`` static).
+
+    >>> import sfpjax
+    >>> b, p = sfpjax.word_beliefs(sfpjax.mess3(), 2)
+    >>> b.shape, float(p.sum())
+    ((9, 3), 1.0...)
+    """
+    _check_process(process)
+    length = _check_depth(process, length, "length")
+    unnorm = process.eta0[None, :]
+    for _ in range(length):
+        unnorm = _children(process, unnorm)
+    probs = unnorm @ process.right
+    ok = probs > 0
+    beliefs = jnp.where(ok[:, None], unnorm / jnp.where(ok, probs, 1.0)[:, None], 0.0)
+    return beliefs, jnp.where(ok, probs, 0.0)
+
+
+@eqx.filter_jit
+def myopic_entropies(process: GHMM, max_depth: int) -> Float[Array, " depth"]:
+    """``H(X_{n+1} | X_{1:n})`` in nats for ``n = 0..max_depth``, exactly, by enumeration.
+
+    Entry 0 is the entropy of the first symbol drawn from ``<<eta(0)|``. Level by level the
+    ``V**n`` words are extended with one batched contraction; jitted, and vmappable over a
+    stack of processes, so a parameter grid is one call.
+
+    Args:
+        process: a GHMM.
+        max_depth: the largest context length ``n`` (static).
+
+    >>> import sfpjax
+    >>> h = sfpjax.myopic_entropies(sfpjax.coin(), 3)
+    >>> [round(float(v), 4) for v in h]
+    [0.6931, 0.6931, 0.6931, 0.6931]
+    """
+    _check_process(process)
+    max_depth = _check_depth(process, max_depth, "max_depth")
+    Tr = process.T @ process.right  # (V, d)
+    unnorm = process.eta0[None, :]
+    out = []
+    for n in range(max_depth + 1):
+        joint = jnp.maximum(unnorm @ Tr.T, 0.0)  # Pr(w x) for every word w and symbol x
+        pw = joint.sum(-1)
+        cond = joint / jnp.where(pw > 0, pw, 1.0)[:, None]
+        out.append((pw * _entropy(cond)).sum() / pw.sum())
+        if n < max_depth:
+            unnorm = _children(process, unnorm)
+            # Renormalize the whole level (a common scale) so long words do not underflow.
+            unnorm = unnorm / (unnorm @ process.right).sum()
+    return jnp.stack(out)
+
+
+def _round_key(beliefs: np.ndarray, decimals: int) -> np.ndarray:
+    r = np.round(beliefs, decimals)
+    return r + 0.0  # turn -0.0 into 0.0 so equal beliefs share a key
+
+
+@eqx.filter_jit
+def num_distinct_beliefs(process: GHMM, depth: int, *, decimals: int = 6) -> Int[Array, ""]:
+    """Number of distinct beliefs (rounded to ``decimals``) after words of length ``depth``.
+
+    Counts only words of positive probability. Jittable and vmappable (for sweeps).
+
+    >>> import sfpjax
+    >>> int(sfpjax.num_distinct_beliefs(sfpjax.coin(), 4))
+    1
+    """
+    beliefs, probs = word_beliefs(process, depth)
+    keys = jnp.round(beliefs * 10.0**decimals)
+    keys = jnp.where((probs > 0)[:, None], keys, jnp.inf) + 0.0
+    order = jnp.lexsort(keys.T[::-1])
+    s = keys[order]
+    new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(s[1:] != s[:-1], axis=-1)])
+    valid = jnp.isfinite(s[:, 0])
+    return jnp.sum(new & valid)
+
+
+class MixedStatePresentation(NamedTuple):
+    """The mixed-state presentation (belief-state machine) explored to a finite depth.
+
+    Attributes:
+        beliefs: ``(S, d)`` the distinct beliefs (mixed states), state 0 is ``<<eta(0)|``.
+        depth_first_seen: ``(S,)`` the word length at which each belief first appears.
+        transitions: ``(S, V)`` index of the belief reached from each state on each symbol
+            (-1 for a zero-probability symbol, or for states at the last explored depth).
+        transition_probs: ``(S, V)`` ``Pr(x | state)``.
+        level_probs: list over ``n = 0..depth`` of ``(S,)`` arrays: the probability of being
+            in each mixed state after ``n`` symbols (sums to 1).
+    """
+
+    beliefs: np.ndarray
+    depth_first_seen: np.ndarray
+    transitions: np.ndarray
+    transition_probs: np.ndarray
+    level_probs: list
+
+    def myopic_entropies(self) -> np.ndarray:
+        """``H(X_{n+1} | X_{1:n})`` for ``n = 0..depth`` from the merged level distributions."""
+        h = _entropy(jnp.asarray(self.transition_probs))
+        return np.asarray([float(np.asarray(h) @ p) for p in self.level_probs])
+
+
+def mixed_state_presentation(process: GHMM, depth: int, *, decimals: int = 8) -> MixedStatePresentation:
+    """Explore the mixed-state presentation to ``depth`` symbols, merging equal beliefs.
+
+    Level by level: all frontier beliefs are updated on all symbols in one batched call,
+    rounded to ``decimals`` and merged with the beliefs seen so far, so a process with few
+    belief states (Z1R, even process) stays small at any depth while the transition
+    structure is recorded. Runs on the host (NumPy float64 after the batched update).
+
+    >>> import sfpjax
+    >>> msp = sfpjax.mixed_state_presentation(sfpjax.z1r(), 6)
+    >>> msp.beliefs.shape[1]
+    3
+    """
+    _check_process(process)
+    depth = int(depth)
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}.")
+    T = np.asarray(process.T, np.float64)
+    r = np.asarray(process.right, np.float64)
+    V = T.shape[0]
+    beliefs = [np.asarray(process.eta0, np.float64)]
+    first_seen = [0]
+    index = {_round_key(beliefs[0], decimals).tobytes(): 0}
+    rows: dict[int, np.ndarray] = {}
+    frontier = [0]
+    for n in range(1, depth + 1):
+        if not frontier:
+            break
+        unnorm = np.einsum("ni,xij->nxj", np.stack([beliefs[i] for i in frontier]), T)
+        norm = unnorm @ r
+        ok = norm > 0
+        child = unnorm / np.where(ok, norm, 1.0)[..., None]
+        keys = _round_key(child, decimals)
+        new_frontier = []
+        for a, s in enumerate(frontier):
+            row = np.full(V, -1)
+            for x in np.flatnonzero(ok[a]):
+                k = keys[a, x].tobytes()
+                if k not in index:
+                    index[k] = len(beliefs)
+                    beliefs.append(child[a, x])
+                    first_seen.append(n)
+                    new_frontier.append(index[k])
+                row[x] = index[k]
+            rows[s] = row
+        frontier = new_frontier
+    B = np.stack(beliefs)
+    S = len(beliefs)
+    transitions = np.full((S, V), -1)
+    for s, row in rows.items():
+        transitions[s] = row
+    px = np.maximum(B @ (T @ r).T, 0.0)
+    transition_probs = px / px.sum(-1, keepdims=True)
+    # Mass at level n - 1 < depth sits only on states first seen before depth, whose
+    # transitions were explored, so pushing it through the table is exact.
+    level_probs = [np.eye(S)[0]]
+    for _ in range(depth):
+        p = level_probs[-1][:, None] * transition_probs
+        nxt = np.zeros(S)
+        valid = transitions >= 0
+        np.add.at(nxt, transitions[valid], p[valid])
+        level_probs.append(nxt)
+    return MixedStatePresentation(B, np.asarray(first_seen), transitions, transition_probs, level_probs)
+
+
+def entropy_rate(
+    process: GHMM,
+    *,
+    key: PRNGKeyArray,
+    num_sequences: int = 64,
+    seq_len: int = 4096,
+    burn_in: int = 256,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Monte-Carlo estimate of the entropy rate ``h = lim_n H(X_{n+1} | X_{1:n})`` in nats.
+
+    Samples ``num_sequences`` sequences from ``process`` and averages
+    ``-log Pr(x_{t+1} | x_{1:t})`` after ``burn_in`` steps (exact conditional probabilities from
+    the filter, so the only error is sampling error). Returns ``(estimate, standard_error)``,
+    the standard error taken across sequences. For an exact upper bound use the last entry
+    of :func:`myopic_entropies`, which decreases to ``h``.
+
+    >>> import sfpjax, jax.random as jr
+    >>> h, se = sfpjax.entropy_rate(sfpjax.coin(), key=jr.key(0), num_sequences=4, seq_len=64, burn_in=0)
+    >>> round(float(h), 4)
+    0.6931
+    """
+    if burn_in < 0 or seq_len <= burn_in or num_sequences < 2:
+        raise ValueError(
+            f"need num_sequences >= 2 and 0 <= burn_in < seq_len; got num_sequences={num_sequences}, "
+            f"seq_len={seq_len}, burn_in={burn_in}."
+        )
+    tokens = sample(process, key=key, batch_size=num_sequences, seq_len=seq_len)
+    lognorm = filter_beliefs(process, tokens).log_normalizers[:, burn_in:]
+    per_seq = -lognorm.mean(-1)
+    return per_seq.mean(), per_seq.std(ddof=1) / jnp.sqrt(num_sequences)

@@ -1,0 +1,161 @@
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import sfpjax
+from oracles import random_ghmm, random_hmm, stationary, word_prob_and_belief, words
+
+
+def _z1r():
+    T = np.zeros((2, 3, 3))
+    T[0, 0, 1] = T[1, 1, 2] = 1.0
+    T[0, 2, 0] = T[1, 2, 0] = 0.5
+    return T
+
+
+@pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
+def test_brute_force_words_up_to_length_6(kind):
+    rng = np.random.default_rng(0)
+    if kind == "hmm":
+        T = random_hmm(rng, 3, 3)
+        eta0, right = stationary(T), np.ones(3)
+    elif kind == "ghmm":
+        T, eta0, right = random_ghmm(rng, 2, 3)
+    else:
+        T = _z1r()
+        eta0, right = np.ones(3) / 3, np.ones(3)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    V = T.shape[0]
+    for n in range(1, 7):
+        ws = np.stack(words(V, n))
+        out = sfpjax.filter_beliefs(p, jnp.asarray(ws))
+        total = 0.0
+        for i, w in enumerate(ws):
+            prob, belief = word_prob_and_belief(T, eta0, right, w)
+            total += prob
+            if prob > 1e-14:
+                np.testing.assert_allclose(np.exp(out.log_prob[i]), prob, rtol=1e-9, atol=1e-14)
+                np.testing.assert_allclose(out.beliefs[i, -1], belief, rtol=1e-8, atol=1e-10)
+                # every prefix belief too
+                np.testing.assert_allclose(out.beliefs[i, n // 2], word_prob_and_belief(T, eta0, right, w[: n // 2 + 1])[1], atol=1e-9)
+            elif kind == "z1r":
+                assert out.log_prob[i] == -np.inf
+                assert np.isfinite(out.beliefs[i]).all()
+        np.testing.assert_allclose(total, 1.0, atol=1e-10)
+
+
+def test_alignment_convention_and_initial():
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    toks = jnp.array([0, 1, 0, 0, 1])
+    out = sfpjax.filter_beliefs(p, toks)
+    assert out.beliefs.shape == (5, 3)
+    # after "0" from the uniform start: SR->S0 (1/2) or S0->S1 (1) => weights S0:1/6... normalized
+    np.testing.assert_allclose(out.beliefs[0], [1 / 3, 2 / 3, 0.0], atol=1e-6)
+    full = sfpjax.beliefs_with_initial(p, out)
+    np.testing.assert_allclose(full[0], p.eta0)
+    np.testing.assert_allclose(full[1:], out.beliefs)
+    # a given initial belief
+    out2 = sfpjax.filter_beliefs(p, toks, initial=jnp.array([1.0, 0.0, 0.0]))
+    np.testing.assert_allclose(out2.beliefs[0], [0.0, 1.0, 0.0], atol=1e-7)
+
+
+def test_batch_axes_and_single_sequence_agree():
+    rng = np.random.default_rng(1)
+    p = sfpjax.GHMM(random_hmm(rng, 3, 4), hmm=True)
+    toks = jnp.asarray(rng.integers(0, 3, (2, 3, 7)), jnp.int32)
+    out = sfpjax.filter_beliefs(p, toks)
+    assert out.beliefs.shape == (2, 3, 7, 4)
+    single = sfpjax.filter_beliefs(p, toks[1, 2])
+    np.testing.assert_allclose(out.beliefs[1, 2], single.beliefs, rtol=1e-6)
+    np.testing.assert_allclose(out.log_normalizers[1, 2], single.log_normalizers, rtol=1e-6)
+    # vmap over a batch of single sequences equals the batched path
+    vm = jax.vmap(lambda t: sfpjax.filter_beliefs(p, t))(toks[0])
+    np.testing.assert_allclose(vm.beliefs, out.beliefs[0], rtol=1e-6)
+
+
+def test_sequential_updates_agree_with_filter():
+    rng = np.random.default_rng(2)
+    T, eta0, right = random_ghmm(rng, 3, 3)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    toks = jnp.asarray(rng.integers(0, 3, 20), jnp.int32)
+    out = sfpjax.filter_beliefs(p, toks)
+    eta = p.eta0
+    for t, x in enumerate(toks):
+        eta, lp = sfpjax.belief_update(p, eta, x)
+        np.testing.assert_allclose(eta, out.beliefs[t], atol=1e-10)
+        np.testing.assert_allclose(lp, out.log_normalizers[t], atol=1e-10)
+
+
+def test_long_sequences_stay_normalized_float32(getkey):
+    rng = np.random.default_rng(3)
+    T, eta0, right = random_ghmm(rng, 3, 3)
+    p = sfpjax.GHMM(T, eta0, right)
+    toks = sfpjax.sample(p, key=getkey(), batch_size=2, seq_len=100_000)
+    out = sfpjax.filter_beliefs(p, toks)
+    assert out.beliefs.dtype == jnp.float32
+    assert bool(jnp.isfinite(out.beliefs).all())
+    np.testing.assert_allclose(out.beliefs @ p.right, 1.0, atol=1e-4)
+    assert bool(jnp.isfinite(out.log_prob).all())
+
+
+def test_zero_probability_sequence_reported_without_nan():
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    out = sfpjax.filter_beliefs(p, jnp.array([[1, 1, 1, 0], [0, 1, 0, 0]]))
+    assert not bool(out.is_possible[0]) and bool(out.is_possible[1])
+    assert out.log_prob[0] == -jnp.inf
+    assert bool(jnp.isfinite(out.beliefs).all())
+
+
+def test_next_token_probs_match_word_probabilities():
+    rng = np.random.default_rng(4)
+    T, eta0, right = random_ghmm(rng, 3, 3)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    w = np.array([2, 0, 1])
+    q = sfpjax.next_token_probs(p, sfpjax.filter_beliefs(p, jnp.asarray(w)).beliefs[-1])
+    pw = word_prob_and_belief(T, eta0, right, w)[0]
+    for x in range(3):
+        pwx = word_prob_and_belief(T, eta0, right, np.append(w, x))[0]
+        np.testing.assert_allclose(q[x], pwx / pw, rtol=1e-9)
+
+
+def test_tokens_out_of_alphabet_rejected():
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    with pytest.raises(Exception, match=r"tokens outside the alphabet.*\[0, 2\)"):
+        sfpjax.filter_beliefs(p, jnp.array([0, 1, 2]))
+    with pytest.raises(Exception, match=r"tokens outside the alphabet"):
+        sfpjax.filter_beliefs(p, jnp.array([0, -1]))
+
+
+def test_structural_errors():
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    # Without runtime type checking our own ValueError fires; with it, jaxtyping's.
+    with pytest.raises((ValueError, TypeError), match=r"integer array|Int\["):
+        sfpjax.filter_beliefs(p, jnp.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="at least one token"):
+        sfpjax.filter_beliefs(p, jnp.zeros((3, 0), jnp.int32))
+    with pytest.raises(ValueError, match="single process"):
+        stacked = jax.tree.map(lambda a: jnp.stack([a, a]), p)
+        sfpjax.filter_beliefs(stacked, jnp.array([0, 1]))
+
+
+def test_vmap_over_stacked_processes():
+    rng = np.random.default_rng(5)
+    Ts = np.stack([random_hmm(rng, 2, 3) for _ in range(4)])
+    procs = jax.vmap(lambda T: sfpjax.GHMM(T, right=jnp.ones(3)))(jnp.asarray(Ts))
+    toks = jnp.asarray(rng.integers(0, 2, (4, 5, 6)), jnp.int32)
+    out = jax.vmap(sfpjax.filter_beliefs)(procs, toks)
+    for k in range(4):
+        ref = sfpjax.filter_beliefs(sfpjax.GHMM(Ts[k], hmm=True), toks[k])
+        np.testing.assert_allclose(out.beliefs[k], ref.beliefs, rtol=1e-5, atol=1e-6)
+
+
+def test_filter_does_not_retrace():
+    import equinox as eqx
+
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    f = eqx.debug.assert_max_traces(lambda t: sfpjax.filter_beliefs(p, t), max_traces=1)
+    f = eqx.filter_jit(f)
+    for seed in range(3):
+        f(jnp.asarray(np.random.default_rng(seed).integers(0, 2, (4, 8)), jnp.int32))

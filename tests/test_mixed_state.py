@@ -1,0 +1,101 @@
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import sfpjax
+from oracles import myopic_entropies as oracle_myopic
+from oracles import random_ghmm, random_hmm, stationary
+
+
+def _z1r():
+    T = np.zeros((2, 3, 3))
+    T[0, 0, 1] = T[1, 1, 2] = 1.0
+    T[0, 2, 0] = T[1, 2, 0] = 0.5
+    return T
+
+
+@pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
+def test_myopic_entropies_brute_force(kind):
+    rng = np.random.default_rng(0)
+    if kind == "hmm":
+        T = random_hmm(rng, 3, 3)
+        eta0, right = stationary(T), np.ones(3)
+    elif kind == "ghmm":
+        T, eta0, right = random_ghmm(rng, 2, 3)
+    else:
+        T, eta0, right = _z1r(), np.ones(3) / 3, np.ones(3)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    h = sfpjax.myopic_entropies(p, 6)
+    np.testing.assert_allclose(h, oracle_myopic(T, eta0, right, 6), rtol=1e-9, atol=1e-12)
+    msp = sfpjax.mixed_state_presentation(p, 6)
+    np.testing.assert_allclose(msp.myopic_entropies(), h, rtol=1e-7, atol=1e-10)
+
+
+def test_z1r_known_values_and_msp():
+    p = sfpjax.GHMM(_z1r(), hmm=True, dtype=jnp.float64)
+    h = np.asarray(sfpjax.myopic_entropies(p, 8))
+    # entropy rate of Z1R: one fair bit every 3 symbols
+    assert abs(h[-1] - np.log(2) / 3) < 0.02 and np.all(np.diff(h) <= 1e-12)
+    msp = sfpjax.mixed_state_presentation(p, 10)
+    # transient mixed states plus the 3 recurrent causal states
+    recurrent = [b for b in msp.beliefs if np.isclose(b.max(), 1.0)]
+    assert len(recurrent) == 3
+    for s in range(len(msp.beliefs)):
+        for x in range(2):
+            j = msp.transitions[s, x]
+            if j >= 0:
+                v = msp.beliefs[s] @ _z1r()[x]
+                np.testing.assert_allclose(v / v.sum(), msp.beliefs[j], atol=1e-8)
+    for lp in msp.level_probs:
+        np.testing.assert_allclose(lp.sum(), 1.0)
+
+
+def test_depth10_three_symbols_fast():
+    import time
+
+    rng = np.random.default_rng(1)
+    p = sfpjax.GHMM(random_hmm(rng, 3, 3), hmm=True)
+    sfpjax.myopic_entropies(p, 10).block_until_ready()
+    t = time.perf_counter()
+    sfpjax.myopic_entropies(p, 10).block_until_ready()
+    # Not a performance assertion: just that level-by-level enumeration is the code path.
+    assert time.perf_counter() - t < 30
+
+
+def test_vmap_over_processes_and_distinct_beliefs():
+    rng = np.random.default_rng(2)
+    Ts = jnp.asarray(np.stack([random_hmm(rng, 2, 3) for _ in range(3)]))
+    procs = jax.vmap(lambda T: sfpjax.GHMM(T, right=jnp.ones(3)))(Ts)
+    h = jax.vmap(lambda p: sfpjax.myopic_entropies(p, 4))(procs)
+    for k in range(3):
+        np.testing.assert_allclose(h[k], sfpjax.myopic_entropies(sfpjax.GHMM(Ts[k], hmm=True), 4), rtol=1e-5)
+    n = jax.vmap(lambda p: sfpjax.num_distinct_beliefs(p, 3))(procs)
+    assert n.shape == (3,) and bool((n == 8).all())  # generic HMM: every word its own belief
+    z = sfpjax.GHMM(_z1r(), eta0=np.array([1.0, 0, 0]), hmm=True)
+    assert int(sfpjax.num_distinct_beliefs(z, 4)) == 1
+
+
+def test_word_beliefs_probabilities_sum_to_one():
+    rng = np.random.default_rng(3)
+    T, eta0, right = random_ghmm(rng, 2, 3)
+    b, pw = sfpjax.word_beliefs(sfpjax.GHMM(T, eta0, right, dtype=jnp.float64), 5)
+    np.testing.assert_allclose(pw.sum(), 1.0, atol=1e-12)
+    np.testing.assert_allclose(b @ right, 1.0, atol=1e-9)
+
+
+def test_entropy_rate_estimate(getkey):
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    h, se = sfpjax.entropy_rate(p, key=getkey(), num_sequences=16, seq_len=3000, burn_in=30)
+    assert abs(float(h) - np.log(2) / 3) < 5 * float(se) + 1e-3
+
+
+def test_bad_depths():
+    p = sfpjax.GHMM(_z1r(), hmm=True)
+    with pytest.raises(ValueError, match="max_depth must be >= 0"):
+        sfpjax.myopic_entropies(p, -1)
+    with pytest.raises(ValueError, match="mixed_state_presentation"):
+        sfpjax.myopic_entropies(p, 40)
+    with pytest.raises(ValueError, match="burn_in"):
+        sfpjax.entropy_rate(p, key=jr.key(0), seq_len=10, burn_in=10)
