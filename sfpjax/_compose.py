@@ -40,7 +40,8 @@ __all__ = [
     "with_token_noise",
 ]
 
-Scalar = Union[float, int, np.floating, Float[Array, ""], Float[np.ndarray, ""]]
+# Any shape is accepted here so that a non-scalar gets the ValueError explaining how to vmap.
+Scalar = Union[float, int, np.floating, Float[Array, "..."], Float[np.ndarray, "..."]]
 
 
 def _common_dtype(processes: Sequence[GHMM], what: str):
@@ -334,7 +335,7 @@ def semi_factored(
     for f, (p, s) in enumerate(zip(factors, sectors)):
         labels, _ = joint_sector_labels(s, dims[f])
         masks = jnp.asarray(labels[None, :] == np.arange(len(s))[:, None], dtype)
-        parts = masks * p.eta0[None, :]
+        parts = masks * jnp.broadcast_to(p.eta0[None, :], masks.shape)
         mass = parts @ p.right
         if not _is_traced(mass, prior):
             marg = np.asarray(prior, np.float64).sum(tuple(g for g in range(F) if g != f))
@@ -345,7 +346,8 @@ def semi_factored(
                     "under the factor's initial state <<eta_f(0)|; give the factor an initial state with "
                     "weight on every sector (e.g. with .with_initial) or put no prior mass there."
                 )
-        restricted.append(parts / jnp.where(mass == 0, 1, mass)[:, None])
+        safe = jnp.where(mass == 0, 1, mass)
+        restricted.append(parts / jnp.broadcast_to(safe[:, None], parts.shape))
     # eta0 = sum_sigma prior[sigma] (x)_f restricted[f][sigma_f], contracted factor by factor.
     letters = "abcdefghijklmnopqrstuvwxyz"
     if 2 * F > len(letters):
@@ -407,6 +409,7 @@ def partition_leakage(
         raise ValueError(f"T must have shape (..., V, d, d); got {T.shape}.")
     labels, _ = joint_sector_labels(sectors, T.shape[-1], factor_dims)
     mask = jnp.asarray(labels[:, None] != labels[None, :], T.dtype)
+    mask = jnp.broadcast_to(mask, T.shape)
     return (jnp.abs(T) * mask).max((-3, -2, -1))
 
 
@@ -462,5 +465,5 @@ def with_token_noise(process: GHMM, eps: Scalar) -> GHMM:
     if eps.shape != ():
         raise ValueError(f"eps must be a scalar (vmap over a grid of eps); got shape {eps.shape}.")
     V = process.vocab_size
-    T = (1 - eps) * process.T + (eps / V) * process.T.sum(-3, keepdims=True)
+    T = (1 - eps) * process.T + (eps / V) * jnp.broadcast_to(process.T.sum(-3, keepdims=True), process.T.shape)
     return GHMM(T, process.eta0, process.right, dtype=process.dtype)

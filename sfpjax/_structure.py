@@ -180,7 +180,7 @@ def sector_weights(
         right = jnp.asarray(right, beliefs.dtype)
         if right.shape != (d,):
             raise ValueError(f"right must have shape ({d},); got {right.shape}.")
-        onehot = onehot * right[:, None]
+        onehot = onehot * jnp.broadcast_to(right[:, None], onehot.shape)
     w = beliefs @ onehot
     return w.reshape(*beliefs.shape[:-1], *grid)
 
@@ -194,7 +194,8 @@ def density_matrix(p: Float[AnyArray, "*batch d"]) -> Float[Array, "*batch d d"]
            [0.  , 0.75]], dtype=float32)
     """
     p = jnp.asarray(p)
-    return p[..., :, None] * jnp.eye(p.shape[-1], dtype=p.dtype)
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    return p[..., :, None] * jnp.broadcast_to(eye, (*p.shape, p.shape[-1]))
 
 
 def partial_trace(

@@ -33,12 +33,13 @@ __all__ = [
     "post_quantum",
 ]
 
-Scalar = Union[float, int, np.floating, Float[Array, ""], Float[np.ndarray, ""]]
+# Any shape is accepted here so that a non-scalar gets the ValueError explaining how to vmap.
+Scalar = Union[float, int, np.floating, Float[Array, "..."], Float[np.ndarray, "..."]]
 
 
 def _scalar(value, dtype) -> Array:
     arr = jnp.asarray(value, dtype)
-    if arr.shape != ():
+    if jnp.ndim(arr) != 0:
         raise ValueError(
             f"process parameters are scalars; got shape {arr.shape}. "
             "To build a grid of processes, jax.vmap the constructor over the parameter arrays."
@@ -49,6 +50,7 @@ def _scalar(value, dtype) -> Array:
 def _check_range(name: str, value, lo: float, hi: float, *, open_lo=False, open_hi=False) -> None:
     if _is_traced(value):
         return
+    _scalar(value, None)
     v = float(value)
     ok_lo = v > lo if open_lo else v >= lo
     ok_hi = v < hi if open_hi else v <= hi
@@ -344,9 +346,9 @@ def tom_quantum(alpha: Scalar = 1.0, beta: Scalar = 0.5, *, dtype=None) -> GHMM:
     (True, Array([1., 0., 0.], dtype=float32))
     """
     dtype = _float_dtype(dtype)
-    if not _is_traced(alpha, beta) and float(alpha) ** 2 + float(beta) ** 2 <= 0:
-        raise ValueError(f"tom_quantum needs alpha^2 + beta^2 > 0; got alpha={alpha}, beta={beta}.")
     alpha, beta = _scalar(alpha, dtype), _scalar(beta, dtype)
+    if not _is_traced(alpha, beta) and float(alpha) ** 2 + float(beta) ** 2 <= 0:
+        raise ValueError(f"tom_quantum needs alpha^2 + beta^2 > 0; got alpha={float(alpha)}, beta={float(beta)}.")
     g = 1 / (4 * (alpha**2 + beta**2))
     c = 2 * alpha * beta * g
     m = (alpha**2 - beta**2) * g
@@ -402,11 +404,11 @@ def post_quantum(alpha: Scalar = 1.5, beta: Scalar = 0.5, *, dtype=None) -> GHMM
     (True, (3, 3, 3))
     """
     dtype = _float_dtype(dtype)
+    alpha, beta = _scalar(alpha, dtype), _scalar(beta, dtype)
     if not _is_traced(alpha, beta):
         a_, b_ = float(alpha), float(beta)
         if not (a_ > 1 > b_ > 0):
             raise ValueError(f"post_quantum needs alpha > 1 > beta > 0; got alpha={a_}, beta={b_}.")
-    alpha, beta = _scalar(alpha, dtype), _scalar(beta, dtype)
 
     def A(v):
         return {(0, 0): v, (1, 1): 1.0, (2, 1): jnp.log(v), (2, 2): 1.0}
