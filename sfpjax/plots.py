@@ -51,7 +51,7 @@ def _simplex_xy(b: np.ndarray) -> np.ndarray:
 
 def plot_belief_simplex(
     true_beliefs: Float[ArrayLike, "... d"],
-    predicted_beliefs: Float[ArrayLike, "... d"],
+    predicted_beliefs: Float[ArrayLike, "... _d"],
     path: str | os.PathLike,
     *,
     title: str | None = None,
@@ -138,7 +138,7 @@ def plot_belief_simplex(
 
 def plot_loss_curve(
     steps: Real[ArrayLike, " n"],
-    losses: Float[ArrayLike, " n"],
+    losses: Float[ArrayLike, " _n"],
     floor: float | None,
     path: str | os.PathLike,
     *,
@@ -189,7 +189,7 @@ def plot_loss_curve(
 
 def plot_lines(
     x: Real[ArrayLike, " n"],
-    ys: Mapping[str, Float[ArrayLike, " n"]],
+    ys: Mapping[str, Float[ArrayLike, " _n"]],
     path: str | os.PathLike,
     xlabel: str,
     ylabel: str,
