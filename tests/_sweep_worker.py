@@ -1,0 +1,74 @@
+"""Sweeps run in a subprocess by tests/test_sweep.py (device count and kills need a fresh process).
+
+Usage: python tests/_sweep_worker.py shard OUT_DIR   (expects 8 forced host devices)
+       python tests/_sweep_worker.py slow OUT_DIR    (pauses after every chunk, to be killed)
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import sfpjax  # noqa: E402
+from sfpjax import _sweep  # noqa: E402
+
+SHARD_GRID = dict(a=[0.3, -0.7, 1.1], b=[0.5, 2.0], seed=[0, 1])  # 12 points
+SHARD_CHUNK = 5  # padded to 8 on 8 devices: exercises padding and a short last chunk
+SLOW_GRID = dict(a=[0.25, 0.5, 0.75], b=[1.0, 2.0], seed=[0, 1])  # 12 points
+SLOW_CHUNK = 2
+
+
+def point_fn(p):
+    """Pure jnp math depending on the parameters, the seed and the per-point key."""
+    a, b = p["a"], p["b"]
+    noise = jax.random.uniform(p["key"], (4, 4), dtype=a.dtype, minval=-1.0, maxval=1.0)
+    seeded = jnp.sin(p["seed"].astype(a.dtype) + jnp.arange(4, dtype=a.dtype))
+    m = a * noise + b * jnp.eye(4, dtype=a.dtype) + jnp.outer(seeded, seeded)
+    cube = m @ m @ m
+    return {
+        "trace": jnp.trace(cube),
+        "frob": jnp.sum(cube * cube),
+        "argmax": jnp.argmax(cube.ravel()),
+        "positive": jnp.trace(cube) > 0,
+        "cube": cube,
+        "scaled": seeded * jnp.exp(-a * b),
+    }
+
+
+def main() -> None:
+    mode, out_dir = sys.argv[1], sys.argv[2]
+    key = jax.random.key(7)
+    if mode == "shard":
+        if jax.local_device_count() != 8:
+            raise SystemExit(f"expected 8 devices, got {jax.local_device_count()}")
+        sfpjax.run_sweep(
+            point_fn, sfpjax.grid(**SHARD_GRID), out_dir=out_dir, key=key,
+            chunk_size=SHARD_CHUNK, progress=False,
+        )
+    elif mode == "slow":
+        write = _sweep._write_chunk
+
+        def write_then_pause(*args, **kwargs):
+            write(*args, **kwargs)
+            time.sleep(0.4)
+
+        _sweep._write_chunk = write_then_pause
+        sfpjax.run_sweep(
+            point_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key,
+            chunk_size=SLOW_CHUNK, progress=False,
+        )
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

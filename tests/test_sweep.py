@@ -1,0 +1,312 @@
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sfpjax
+from sfpjax import _sweep
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _sweep_worker as worker  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "_sweep_worker.py")
+KEY = jax.random.key(7)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["JAX_ENABLE_X64"] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def _assert_same(a, b):
+    assert list(a.table) == list(b.table)
+    for name in a.table:
+        assert a.table[name].dtype == b.table[name].dtype, name
+        np.testing.assert_array_equal(a.table[name], b.table[name], err_msg=name)
+    assert list(a.arrays) == list(b.arrays)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+
+
+# ---------------------------------------------------------------------------- grids
+
+
+def test_grid_orders_points_like_itertools_product():
+    axes = dict(x=[0.1, 0.2], n=[1, 2, 3], flag=[True, False])
+    g = sfpjax.grid(**axes)
+    assert len(g) == 12 and g.shape == (2, 3, 2) and g.names == ("x", "n", "flag")
+    expected = list(itertools.product(*axes.values()))
+    assert [tuple(g.point(i).values()) for i in range(len(g))] == expected
+    cols = g.columns(5, 9)
+    np.testing.assert_array_equal(cols["n"], [e[1] for e in expected[5:9]])
+    assert cols["x"].dtype == np.float64 and cols["n"].dtype == np.int64 and cols["flag"].dtype == bool
+
+
+def test_points_from_rows_and_columns_agree():
+    rows = [{"x": 0.1, "seed": 3}, {"seed": 4, "x": 0.5}]
+    a = sfpjax.points(rows)
+    b = sfpjax.points({"x": [0.1, 0.5], "seed": [3, 4]})
+    assert len(a) == len(b) == 2 and a.point(1) == b.point(1) == {"x": 0.5, "seed": 4}
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: sfpjax.grid(), "Empty grid"),
+        (lambda: sfpjax.grid(x=[]), "Empty grid: axis 'x'"),
+        (lambda: sfpjax.points([]), "Empty grid"),
+        (lambda: sfpjax.grid(x=np.ones((1, 2))), "one-dimensional"),
+        (lambda: sfpjax.grid(name=np.array(["a", "b"])), "bools, integers or floats"),
+        (lambda: sfpjax.grid(index=[1, 2]), "reserved"),
+        (lambda: sfpjax.points({"x": [1.0, 2.0], "y": [1.0]}), "same length"),
+        (lambda: sfpjax.points([{"x": 1.0}, {"y": 2.0}]), "same names"),
+    ],
+)
+def test_bad_grids_raise(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def test_sweep_matches_per_point_evaluation(tmp_path):
+    g = sfpjax.grid(**worker.SHARD_GRID)
+    res = sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path, key=KEY, chunk_size=5, progress=False)
+    assert res.complete and len(res) == len(g) and res.chunk_size == 5
+    assert list(res.table) == ["index", "a", "b", "seed", "trace", "frob", "argmax", "positive"]
+    assert set(res.arrays) == {"cube", "scaled"} and res.arrays["cube"].shape == (12, 4, 4)
+    np.testing.assert_array_equal(res.table["index"], np.arange(12))
+    assert res.table["positive"].dtype == bool and res.table["argmax"].dtype == np.int64
+    for i in (0, 7, 11):
+        p = g.point(i)
+        point = {k: jnp.asarray(v) for k, v in p.items()}
+        point["key"] = jax.random.fold_in(KEY, i)
+        want = jax.jit(worker.point_fn)(point)
+        for name in ("a", "b", "seed"):
+            assert res.table[name][i] == p[name]
+        np.testing.assert_allclose(res.table["trace"][i], want["trace"], rtol=1e-12)
+        np.testing.assert_allclose(res.arrays["cube"][i], want["cube"], rtol=1e-12)
+        assert res.table["argmax"][i] == want["argmax"]
+
+
+def test_chunking_and_memory_budget_do_not_change_results(tmp_path):
+    g = sfpjax.grid(**worker.SHARD_GRID)
+    runs = [
+        sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path / "a", key=KEY, chunk_size=12, progress=False),
+        sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path / "b", key=KEY, chunk_size=7, progress=False),
+        sfpjax.run_sweep(
+            worker.point_fn, g, out_dir=tmp_path / "c", key=KEY, memory_budget_bytes=3000, progress=False
+        ),
+    ]
+    assert 1 <= runs[2].chunk_size < 12
+    for r in runs[1:]:
+        _assert_same(runs[0], r)
+    with open(tmp_path / "c" / "manifest.json") as f:
+        assert json.load(f)["num_chunks"] == -(-12 // runs[2].chunk_size)
+
+
+def test_memory_budget_too_small_raises(tmp_path):
+    with pytest.raises(ValueError, match="smaller than one point's working set"):
+        sfpjax.run_sweep(
+            worker.point_fn, sfpjax.grid(**worker.SHARD_GRID), out_dir=tmp_path, key=KEY,
+            memory_budget_bytes=8, progress=False,
+        )
+
+
+def test_scalar_complex_metric_goes_to_arrays_and_no_key_without_base_key(tmp_path):
+    def fn(p):
+        assert "key" not in p
+        return {"z": jax.lax.complex(p["x"], p["x"] * 2), "sq": p["x"] ** 2}
+
+    res = sfpjax.run_sweep(fn, sfpjax.points({"x": [1.0, 3.0]}), out_dir=tmp_path, progress=False)
+    assert list(res.table) == ["index", "x", "sq"]
+    np.testing.assert_array_equal(res.arrays["z"], [1 + 2j, 3 + 6j])
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_crash_inside_a_chunk_then_resume_equals_uninterrupted(tmp_path):
+    g = sfpjax.grid(**worker.SLOW_GRID)  # a = 0.25, 0.5, 0.75 (4 points each), chunk 2
+
+    def failing(p):
+        out = worker.point_fn(p)
+        return {**out, "trace": eqx.error_if(out["trace"], p["a"] > 0.6, "simulated crash")}
+
+    with pytest.raises(Exception, match="simulated crash"):
+        sfpjax.run_sweep(failing, g, out_dir=tmp_path / "r", key=KEY, chunk_size=2, progress=False)
+    chunks = tmp_path / "r" / "chunks"
+    finished = sorted(p.name for p in chunks.iterdir())
+    assert finished == [f"chunk_{c:06d}.{ext}" for c in range(4) for ext in ("csv", "npz")]
+    partial = sfpjax.load_sweep(tmp_path / "r")
+    assert not partial.complete and len(partial) == 8 and partial.arrays["cube"].shape == (8, 4, 4)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in chunks.iterdir()}
+
+    resumed = sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path / "r", key=KEY, progress=False)
+    fresh = sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path / "f", key=KEY, chunk_size=2, progress=False)
+    for name, (data, mtime) in before.items():
+        assert (chunks / name).read_bytes() == data and (chunks / name).stat().st_mtime_ns == mtime
+    assert resumed.complete
+    assert (tmp_path / "r" / "results.csv").read_bytes() == (tmp_path / "f" / "results.csv").read_bytes()
+    _assert_same(resumed, fresh)
+
+
+def test_killed_subprocess_resumes_to_the_same_table(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, WORKER, "slow", str(out)], env=_env(), stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = list((out / "chunks").glob("chunk_*.csv")) if (out / "chunks").exists() else []
+            if len(done) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert not (out / "results.csv").exists()
+    partial = sfpjax.load_sweep(out)
+    assert not partial.complete and 2 <= len(partial) < 12
+
+    g = sfpjax.grid(**worker.SLOW_GRID)
+    resumed = sfpjax.run_sweep(worker.point_fn, g, out_dir=out, key=KEY, progress=False)
+    fresh = sfpjax.run_sweep(
+        worker.point_fn, g, out_dir=tmp_path / "fresh", key=KEY, chunk_size=worker.SLOW_CHUNK, progress=False
+    )
+    assert (out / "results.csv").read_bytes() == (tmp_path / "fresh" / "results.csv").read_bytes()
+    _assert_same(resumed, fresh)
+    assert not [p for p in (out / "chunks").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_finished_sweep_reloads_without_running_fn(tmp_path):
+    g = sfpjax.points({"x": [1.0, 2.0]})
+    first = sfpjax.run_sweep(lambda p: {"y": p["x"] * 3}, g, out_dir=tmp_path, progress=False)
+
+    def never(p):
+        out = {"y": p["x"] * 3}
+        jax.debug.callback(lambda: pytest.fail("fn ran on a finished sweep"))
+        return out
+
+    again = sfpjax.run_sweep(never, g, out_dir=tmp_path, progress=False)
+    _assert_same(first, again)
+    _assert_same(first, sfpjax.load_sweep(tmp_path))
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_different_sweep_in_same_folder_raises(tmp_path):
+    fn = lambda p: {"y": p["x"] * 2}  # noqa: E731
+    sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=KEY, chunk_size=2, progress=False)
+    with pytest.raises(ValueError, match="holds a different sweep: its grid"):
+        sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.5, 3.0]), out_dir=tmp_path, key=KEY, progress=False)
+    with pytest.raises(ValueError, match="holds a different sweep: its key"):
+        sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=jax.random.key(8), progress=False)
+    with pytest.raises(ValueError, match="started with chunk_size=2"):
+        sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=KEY, chunk_size=3, progress=False)
+    with pytest.raises(ValueError, match="metrics were"):
+        sfpjax.run_sweep(
+            lambda p: {"z": p["x"]}, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=KEY, progress=False
+        )
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda p: p["x"] * 2, "must return a dict"),
+        (lambda p: (p["x"], p["x"]), "must return a dict"),
+        (lambda p: {}, "empty dict"),
+        (lambda p: {"outer": {"inner": p["x"]}}, "flatten nested metrics"),
+        (lambda p: {"x": p["x"]}, "clashes"),
+        (lambda p: {"bad name": p["x"]}, "identifiers"),
+        (lambda p: {"k": jax.random.key(0)}, "PRNG key"),
+        (lambda p: {"s": "text"}, "must return a dict mapping metric names to arrays"),
+    ],
+)
+def test_bad_fn_raises(tmp_path, fn, match):
+    with pytest.raises(ValueError, match=match):
+        sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0]), out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_bad_arguments_raise(tmp_path):
+    g = sfpjax.grid(x=[1.0, 2.0])
+    fn = lambda p: {"y": p["x"]}  # noqa: E731
+    with pytest.raises(ValueError, match="not both"):
+        sfpjax.run_sweep(fn, g, out_dir=tmp_path, chunk_size=1, memory_budget_bytes=100)
+    with pytest.raises(ValueError, match="positive integer"):
+        sfpjax.run_sweep(fn, g, out_dir=tmp_path, chunk_size=0)
+    with pytest.raises(ValueError, match="clashes with the per-point key"):
+        sfpjax.run_sweep(fn, sfpjax.grid(key=[1, 2]), out_dir=tmp_path, key=KEY)
+    with pytest.raises(ValueError, match="process_index < process_count"):
+        sfpjax.run_sweep(fn, g, out_dir=tmp_path, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="holds no sweep"):
+        sfpjax.load_sweep(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------- hosts
+
+
+def test_process_slices_cover_chunks_and_process_zero_assembles(tmp_path):
+    g = sfpjax.grid(**worker.SLOW_GRID)  # 12 points, chunk 2: 6 chunks
+    kw = dict(out_dir=tmp_path / "m", key=KEY, chunk_size=2, progress=False, process_count=3)
+    r2 = sfpjax.run_sweep(worker.point_fn, g, process_index=2, **kw)
+    assert not r2.complete
+    np.testing.assert_array_equal(r2.table["index"], [4, 5, 10, 11])  # chunks 2 and 5
+    r1 = sfpjax.run_sweep(worker.point_fn, g, process_index=1, **kw)
+    np.testing.assert_array_equal(r1.table["index"], [2, 3, 4, 5, 8, 9, 10, 11])
+    np.testing.assert_array_equal(r1.arrays["cube"][2:4], r2.arrays["cube"][:2])
+    r0 = sfpjax.run_sweep(worker.point_fn, g, process_index=0, **kw)
+    assert r0.complete
+    fresh = sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path / "f", key=KEY, chunk_size=2, progress=False)
+    assert (tmp_path / "m" / "results.csv").read_bytes() == (tmp_path / "f" / "results.csv").read_bytes()
+    _assert_same(r0, fresh)
+
+
+def test_process_chunk_assignment_is_round_robin():
+    assert _sweep._my_chunks(7, 0, 3) == [0, 3, 6]
+    assert _sweep._my_chunks(7, 2, 3) == [2, 5]
+    assert sorted(sum((_sweep._my_chunks(10, i, 4) for i in range(4)), [])) == list(range(10))
+
+
+def test_eight_device_sharded_sweep_equals_single_device(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, WORKER, "shard", str(tmp_path / "eight")],
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert jax.local_device_count() == 1
+    eight = sfpjax.load_sweep(tmp_path / "eight")
+    assert eight.complete and eight.chunk_size == worker.SHARD_CHUNK
+    g = sfpjax.grid(**worker.SHARD_GRID)
+    # Chunks of 5 padded to 8 put one point on each of the 8 devices; a single device
+    # running chunks of 1 compiles the same per-device program, so the bits must agree.
+    one = sfpjax.run_sweep(worker.point_fn, g, out_dir=tmp_path / "one", key=KEY, chunk_size=1, progress=False)
+    assert (tmp_path / "eight" / "results.csv").read_bytes() == (tmp_path / "one" / "results.csv").read_bytes()
+    _assert_same(one, eight)
+    # A different per-device batch may reorder matmul sums in XLA: equal up to rounding.
+    five = sfpjax.run_sweep(
+        worker.point_fn, g, out_dir=tmp_path / "five", key=KEY, chunk_size=worker.SHARD_CHUNK, progress=False
+    )
+    for name in ("index", "a", "b", "seed", "argmax", "positive"):
+        np.testing.assert_array_equal(five.table[name], eight.table[name])
+    np.testing.assert_array_equal(five.arrays["scaled"], eight.arrays["scaled"])
+    np.testing.assert_allclose(five.table["frob"], eight.table["frob"], rtol=1e-13)
+    np.testing.assert_allclose(five.arrays["cube"], eight.arrays["cube"], rtol=1e-13, atol=1e-13)
