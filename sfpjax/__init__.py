@@ -70,9 +70,3 @@ from ._structure import is_product_state as is_product_state
 from ._structure import nearest_product_state as nearest_product_state
 from ._structure import partial_trace as partial_trace
 from ._structure import sector_weights as sector_weights
-from ._sweep import Grid as Grid
-from ._sweep import SweepResult as SweepResult
-from ._sweep import grid as grid
-from ._sweep import load_sweep as load_sweep
-from ._sweep import points as points
-from ._sweep import run_sweep as run_sweep
