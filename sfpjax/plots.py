@@ -235,3 +235,38 @@ def plot_lines(
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_heatmap(
+    values: Real[ArrayLike, "rows cols"],
+    path: str | os.PathLike,
+    *,
+    extent: tuple[float, float, float, float] | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str | None = None,
+) -> Path:
+    """A 2-D grid of values (e.g. a statistic over a parameter sweep) as a colour map.
+
+    ``values[i, j]`` is drawn at row ``i`` (y axis, increasing upwards) and column ``j``;
+    ``extent = (x_min, x_max, y_min, y_max)`` labels the axes with parameter values.
+
+    >>> import numpy as np, sfpjax.plots, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "h.png")
+    >>> sfpjax.plots.plot_heatmap(np.arange(12.0).reshape(3, 4), p, extent=(0, 1, 0, 0.5)).exists()
+    True
+    """
+    fn = "plot_heatmap"
+    v = _finite(values, "values", fn)
+    if v.ndim != 2 or v.size == 0:
+        raise ValueError(f"{fn}: values must be a non-empty 2-D array, got shape {v.shape}.")
+    path = _png_path(path)
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    im = ax.imshow(v, origin="lower", aspect="auto", extent=extent, cmap="viridis")
+    fig.colorbar(im, ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

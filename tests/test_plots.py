@@ -73,3 +73,14 @@ def test_plots_reject_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="logy=True needs positive"):
         plots.plot_lines(np.arange(3), {"a": np.zeros(3)}, tmp_path / "x.png", "x", "y", logy=True)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_heatmap_writes_png(tmp_path):
+    import numpy as np
+
+    import sfpjax.plots
+
+    p = sfpjax.plots.plot_heatmap(np.arange(6.0).reshape(2, 3), tmp_path / "h.png", extent=(0, 1, 0, 1), xlabel="a")
+    assert p.exists() and p.stat().st_size > 0
+    with pytest.raises(ValueError, match="2-D"):
+        sfpjax.plots.plot_heatmap(np.arange(3.0), tmp_path / "bad.png")
