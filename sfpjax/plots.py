@@ -238,7 +238,7 @@ def plot_lines(
 
 
 def plot_heatmap(
-    values: Real[ArrayLike, "rows cols"],
+    values: Real[ArrayLike, "_rows _cols"],
     path: str | os.PathLike,
     *,
     extent: tuple[float, float, float, float] | None = None,
