@@ -241,7 +241,7 @@ def plot_heatmap(
     values: Real[ArrayLike, "_rows _cols"],
     path: str | os.PathLike,
     *,
-    extent: tuple[float, ...] | None = None,
+    extent: tuple[float | int, ...] | None = None,
     xlabel: str = "",
     ylabel: str = "",
     title: str | None = None,
