@@ -238,7 +238,7 @@ def plot_lines(
 
 
 def plot_heatmap(
-    values: Real[ArrayLike, "_rows _cols"],
+    values: Real[ArrayLike, "..."],
     path: str | os.PathLike,
     *,
     extent: tuple[float | int, ...] | None = None,
