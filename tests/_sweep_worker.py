@@ -2,6 +2,7 @@
 
 Usage: python tests/_sweep_worker.py shard OUT_DIR   (expects 8 forced host devices)
        python tests/_sweep_worker.py slow OUT_DIR    (pauses after every chunk, to be killed)
+       python tests/_sweep_worker.py distributed OUT_DIR PORT PROCESS_ID   (one of 2 processes)
 """
 
 import os
@@ -45,6 +46,12 @@ def point_fn(p):
 
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
+    if mode == "distributed":
+        # Must come before anything that starts the XLA backend, such as making a key.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2, process_id=int(sys.argv[4])
+        )
     key = jax.random.key(7)
     if mode == "shard":
         if jax.local_device_count() != 8:
@@ -65,6 +72,13 @@ def main() -> None:
             point_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key,
             chunk_size=SLOW_CHUNK, progress=False,
         )
+    elif mode == "distributed":
+        res = sfpjax.run_sweep(
+            point_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key,
+            chunk_size=SLOW_CHUNK, progress=False,
+        )
+        if not res.complete or len(res) != len(sfpjax.grid(**SLOW_GRID)):
+            raise SystemExit(f"process {jax.process_index()} got an incomplete result: {res}")
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print("done", flush=True)

@@ -2,6 +2,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -310,3 +311,25 @@ def test_eight_device_sharded_sweep_equals_single_device(tmp_path):
     np.testing.assert_array_equal(five.arrays["scaled"], eight.arrays["scaled"])
     np.testing.assert_allclose(five.table["frob"], eight.table["frob"], rtol=1e-13)
     np.testing.assert_allclose(five.arrays["cube"], eight.arrays["cube"], rtol=1e-13, atol=1e-13)
+
+
+def test_two_distributed_processes_split_chunks_and_agree(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "distributed", str(out), str(port), str(i)],
+            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    fresh = sfpjax.run_sweep(
+        worker.point_fn, sfpjax.grid(**worker.SLOW_GRID), out_dir=tmp_path / "fresh", key=KEY,
+        chunk_size=worker.SLOW_CHUNK, progress=False,
+    )
+    assert (out / "results.csv").read_bytes() == (tmp_path / "fresh" / "results.csv").read_bytes()
+    _assert_same(sfpjax.load_sweep(out), fresh)
