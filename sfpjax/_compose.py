@@ -24,7 +24,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._ghmm import GHMM, _default_atol, _is_traced
-from ._structure import joint_sector_labels
+from ._structure import _partition_labels, joint_sector_labels
 from ._zoo import _check_range, partitioned_z1r
 
 __all__ = [
@@ -153,7 +153,7 @@ def _check_weights(weights, n: int, what: str, dtype) -> Array:
 
 def direct_sum(
     processes: Sequence[GHMM],
-    weights: Float[ArrayLike, " K"],
+    weights: Union[Float[Array, " K"], Float[np.ndarray, " K"], Sequence[float]],
     *,
     vocab: Union[str, Sequence[Sequence[int]]] = "shared",
 ) -> GHMM:
@@ -271,7 +271,7 @@ def _check_factor_partition_preserving(T: Array, sectors, f: int, atol: float) -
 def semi_factored(
     factors: Sequence[GHMM],
     sectors: Sequence[Sequence[Sequence[int]]],
-    sector_prior: Float[ArrayLike, "..."],
+    sector_prior: Union[Float[Array, "..."], Float[np.ndarray, "..."], Sequence],
 ) -> SemiFactoredProcess:
     """A semi-factored process from partition-preserving factors and a sector prior.
 
@@ -314,7 +314,7 @@ def semi_factored(
         raise ValueError(f"give one sector partition per factor: {F} factors, {len(sectors)} partitions.")
     dims = [p.num_states for p in factors]
     for f, (p, s) in enumerate(zip(factors, sectors)):
-        joint_sector_labels(s, dims[f])  # validates the partition
+        _partition_labels(s, dims[f], f"factor {f} sectors")
         _check_factor_partition_preserving(p.T, s, f, _default_atol(dtype))
     grid = tuple(len(s) for s in sectors)
     prior = jnp.asarray(sector_prior, dtype)
@@ -386,7 +386,7 @@ def partitioned_z1r_sfp(p_matched: Scalar = 0.5, *, dtype=None) -> SemiFactoredP
 
 
 def partition_leakage(
-    T: Union[GHMM, Float[Array, "*batch V d d"], Float[np.ndarray, "*batch V d d"]],
+    T: Union[GHMM, Float[Array, "..."], Float[np.ndarray, "..."]],
     sectors: Sequence,
     *,
     factor_dims: Sequence[int] | None = None,
@@ -414,7 +414,7 @@ def partition_leakage(
 
 
 def is_partition_preserving(
-    T: Union[GHMM, Float[Array, "*batch V d d"], Float[np.ndarray, "*batch V d d"]],
+    T: Union[GHMM, Float[Array, "..."], Float[np.ndarray, "..."]],
     sectors: Sequence,
     *,
     factor_dims: Sequence[int] | None = None,
