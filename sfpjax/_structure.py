@@ -199,7 +199,7 @@ def density_matrix(p: Float[AnyArray, "*batch d"]) -> Float[Array, "*batch d d"]
 
 
 def partial_trace(
-    rho: Float[AnyArray, "*batch D D"],
+    rho: Float[AnyArray, "*batch rows cols"],
     dims: Sequence[int],
     keep: int | Sequence[int],
 ) -> Float[Array, "*batch k k"]:
