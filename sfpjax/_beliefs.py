@@ -115,27 +115,74 @@ def belief_update(
     return new, jnp.where(ok, jnp.log(safe), -jnp.inf)
 
 
-def _filter_batch_minor(
-    process: GHMM, tokens: Int[Array, "B L"], eta0: Float[Array, "d B"]
+# Above this many multiply-adds per column and step, the GEMM beats unrolled elementwise code.
+_ELEMENTWISE_MAX_MACS = 256
+
+
+def _step_elementwise(T, right, rows, x):
+    # Small processes: written as (B,)-vector arithmetic so XLA emits a handful of fused,
+    # vectorized loops per step instead of a GEMM call plus a selection pass.
+    V, d, _ = T.shape
+    unnorm = []
+    for j in range(d):
+        acc = None
+        for v in range(V):
+            c = rows[0] * T[v, 0, j]
+            for i in range(1, d):
+                c = c + rows[i] * T[v, i, j]
+            acc = c if acc is None else jnp.where(x == v, c, acc)
+        unnorm.append(acc)
+    norm = unnorm[0] * right[0]
+    for j in range(1, d):
+        norm = norm + unnorm[j] * right[j]
+    return unnorm, norm
+
+
+def _step_gemm(Tm, right, eta, x):
+    # One (V*d, d) x (d, B) product gives every symbol's update; each column keeps its own.
+    V = Tm.shape[0] // eta.shape[0]
+    cand = (Tm @ eta).reshape(V, eta.shape[0], -1)
+    unnorm = cand[0]
+    for v in range(1, V):
+        unnorm = jnp.where((x == v)[None, :], cand[v], unnorm)
+    return unnorm, right @ unnorm
+
+
+def _filter_time_major(
+    process: GHMM, tokens_t: Int[Array, "L B"], eta0: Float[Array, "d B"]
 ) -> tuple[Float[Array, "L d B"], Float[Array, "L B"]]:
-    # The batch is the minor (GEMM N) dimension: one (V*d, d) x (d, B) product per step
-    # computes the update for every symbol at once, then each column keeps its token's row.
+    """Beliefs ``(L, d, B)`` and the positive normalizers ``(L, B)`` (1 at impossible steps).
+
+    The batch is the minor axis so every per-step operation is a long contiguous vector op.
+    The logarithm is left to the caller, outside the sequential loop.
+    """
     V, d, _ = process.T.shape
-    Tm = jnp.swapaxes(process.T, 1, 2).reshape(V * d, d)
-    right = process.right
+    T, right = process.T, process.right
+    elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
+    Tm = jnp.swapaxes(T, 1, 2).reshape(V * d, d)
 
     def step(eta, x):
-        cand = (Tm @ eta).reshape(V, d, -1)
-        onehot = (x[None, :] == jnp.arange(V, dtype=x.dtype)[:, None]).astype(eta.dtype)
-        unnorm = jnp.einsum("vb,vdb->db", onehot, cand)
-        norm = right @ unnorm
+        if elementwise:
+            rows = [eta[i] for i in range(d)]
+            unnorm, norm = _step_elementwise(T, right, rows, x)
+        else:
+            rows = eta
+            unnorm, norm = _step_gemm(Tm, right, eta, x)
         ok = norm > 0
-        safe = jnp.where(ok, norm, 1.0)
-        new = jnp.where(ok[None, :], unnorm / safe[None, :], eta)
-        return new, (new, jnp.where(ok, jnp.log(safe), -jnp.inf))
+        inv = 1.0 / jnp.where(ok, norm, jnp.ones((), norm.dtype))
+        # Per-row expressions keep each update a single fused vector loop per state.
+        new = jnp.stack([jnp.where(ok, unnorm[j] * inv, rows[j]) for j in range(d)])
+        # A non-positive normalizer is reported as 0 so the caller's log gives -inf.
+        return new, (new, jnp.where(ok, norm, jnp.zeros((), norm.dtype)))
 
-    _, (beliefs, lognorm) = jax.lax.scan(step, eta0, tokens.T)
-    return beliefs, lognorm
+    _, (beliefs, norms) = jax.lax.scan(step, eta0, tokens_t)
+    return beliefs, norms
+
+
+def _log_normalizers(norms: Float[Array, "L B"]) -> Float[Array, "B L"]:
+    norms = norms.T
+    pos = norms > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
 
 
 @eqx.filter_jit
@@ -187,9 +234,9 @@ def filter_beliefs(
         if initial.shape[-1] != d:
             raise ValueError(f"initial must end in the state dimension {d}, got shape {initial.shape}.")
         eta0 = jnp.broadcast_to(initial, batch_shape + (d,)).reshape(B, d).T
-    beliefs, lognorm = _filter_batch_minor(process, flat, eta0)
+    beliefs, norms = _filter_time_major(process, flat.T, eta0)
     beliefs = jnp.transpose(beliefs, (2, 0, 1)).reshape(batch_shape + (L, d))
-    lognorm = lognorm.T.reshape(batch_shape + (L,))
+    lognorm = _log_normalizers(norms).reshape(batch_shape + (L,))
     return FilterResult(beliefs, lognorm)
 
 

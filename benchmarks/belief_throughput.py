@@ -1,0 +1,258 @@
+"""All-prefix belief throughput: ``sfpjax.filter_beliefs`` against common baselines.
+
+Processes: Mess3(0.15, 0.6) (d = 3, V = 3) and the product Mess3 x Mess3 (d = 9, V = 9).
+Batch sizes B = 4096 and 16384, L = 256, float32. Methods, timed in one process and
+interleaved within every round after compiling:
+
+* ``sfpjax``      the public ``sfpjax.filter_beliefs`` (beliefs and log normalizers);
+* ``numpy``       a float64 NumPy loop over time, vectorized over the batch (the reference);
+* ``dynamax``     ``dynamax.hidden_markov_model.hmm_filter`` under ``jax.vmap``;
+* ``vmap_scan``   ``jax.vmap`` of a per-sequence ``lax.scan`` of ``sfpjax.belief_update``;
+* ``numba``       a ``numba`` ``prange`` kernel writing into a preallocated output.
+
+Every method is checked against the float64 reference first (on a slice of the batch).
+Reported: updates/s (one update = one token of one sequence), compile time, the median
+over rounds of the per-round ratio sfpjax / method, and the fraction of the output-write
+bandwidth limit: a NumPy fill of a preallocated float32 buffer, measured in this script,
+bounds how fast ``(B, L, d)`` beliefs plus ``(B, L)`` log normalizers can be written.
+
+Run (numba and dynamax come with the ``bench`` extra)::
+
+    python benchmarks/belief_throughput.py            # full run
+    python benchmarks/belief_throughput.py --quick    # B = 4096 only, fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sfpjax
+
+try:
+    import numba
+except ImportError:  # the comparison still runs without it
+    numba = None
+try:
+    from dynamax.hidden_markov_model import hmm_filter
+except ImportError:
+    hmm_filter = None
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def numpy_filter(T, right, eta0, tokens):
+    """Float64 reference: a loop over time, vectorized over the batch."""
+    T, right, eta0 = (np.asarray(a, np.float64) for a in (T, right, eta0))
+    B, L = tokens.shape
+    d = T.shape[1]
+    beliefs = np.empty((B, L, d))
+    lognorm = np.empty((B, L))
+    eta = np.broadcast_to(eta0, (B, d)).copy()
+    for t in range(L):
+        unnorm = np.einsum("bi,bij->bj", eta, T[tokens[:, t]])
+        norm = unnorm @ right
+        ok = norm > 0
+        eta = np.where(ok[:, None], unnorm / np.where(ok, norm, 1.0)[:, None], eta)
+        beliefs[:, t] = eta
+        lognorm[:, t] = np.where(ok, np.log(np.where(ok, norm, 1.0)), -np.inf)
+    return beliefs, lognorm
+
+
+def make_vmap_scan(process):
+    @jax.jit
+    def run(tokens):
+        def one(seq):
+            def step(eta, x):
+                eta, lp = sfpjax.belief_update(process, eta, x)
+                return eta, (eta, lp)
+
+            return jax.lax.scan(step, process.eta0, seq)[1]
+
+        return jax.vmap(one)(tokens)
+
+    return run
+
+
+def make_dynamax(process):
+    # An edge-emitting HMM as dynamax's filter: a time-varying "transition" T(x_{t+1}) and
+    # flat log-likelihoods; the filter's normalizer is then Pr(x_{t+1} | x_1..x_t).
+    T, eta0 = process.T, process.eta0
+
+    @jax.jit
+    def run(tokens):
+        def one(seq):
+            L = seq.shape[0]
+            post = hmm_filter(
+                eta0 @ T[seq[0]],
+                None,
+                jnp.zeros((L, T.shape[1]), T.dtype),
+                transition_fn=lambda t: T[seq[jnp.minimum(t + 1, L - 1)]],
+            )
+            return post.filtered_probs, post.marginal_loglik
+
+        return jax.vmap(one)(tokens)
+
+    return run
+
+
+if numba is not None:
+
+    @numba.njit(parallel=True, cache=False)
+    def _numba_kernel(T, right, eta0, tokens, beliefs, lognorm):
+        B, L = tokens.shape
+        d = T.shape[1]
+        for b in numba.prange(B):
+            eta = eta0.copy()
+            new = np.empty(d, T.dtype)
+            for t in range(L):
+                x = tokens[b, t]
+                norm = T.dtype.type(0.0)
+                for j in range(d):
+                    acc = T.dtype.type(0.0)
+                    for i in range(d):
+                        acc += eta[i] * T[x, i, j]
+                    new[j] = acc
+                    norm += acc * right[j]
+                if norm > 0:
+                    inv = T.dtype.type(1.0) / norm
+                    for j in range(d):
+                        eta[j] = new[j] * inv
+                    lognorm[b, t] = np.log(norm)
+                else:
+                    lognorm[b, t] = -np.inf
+                for j in range(d):
+                    beliefs[b, t, j] = eta[j]
+
+
+def make_numba(process, B, L):
+    T, right, eta0 = (np.asarray(a) for a in (process.T, process.right, process.eta0))
+    beliefs = np.empty((B, L, T.shape[1]), T.dtype)
+    lognorm = np.empty((B, L), T.dtype)
+
+    def run(tokens):
+        _numba_kernel(T, right, eta0, tokens, beliefs, lognorm)
+        return beliefs, lognorm
+
+    return run
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def write_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a NumPy fill of a preallocated float32 buffer (median over repeats)."""
+    buf = np.empty(nbytes // 4, np.float32)
+    buf.fill(0.0)  # touch every page once, as a reused output buffer is
+    times = []
+    for k in range(repeats):
+        t0 = time.perf_counter()
+        buf.fill(float(k))
+        times.append(time.perf_counter() - t0)
+    return nbytes / float(np.median(times))
+
+
+def _block(out):
+    return jax.block_until_ready(out)
+
+
+def check(name, out, ref_beliefs, ref_lognorm, n):
+    beliefs = np.asarray(out[0])[:n]
+    err = float(np.abs(beliefs - ref_beliefs).max())
+    if err > 2e-4:
+        raise AssertionError(f"{name}: beliefs differ from the float64 reference by {err:.3g}")
+    if name != "dynamax":
+        lerr = float(np.abs(np.asarray(out[1])[:n] - ref_lognorm).max())
+    else:  # dynamax returns the sequence log-probability only
+        lerr = float(np.abs(np.asarray(out[1])[:n] - ref_lognorm.sum(-1)).max()) / ref_lognorm.shape[1]
+    if lerr > 2e-4:
+        raise AssertionError(f"{name}: log normalizers differ from the reference by {lerr:.3g}")
+    return err
+
+
+def bench_case(label, process, B, L, rounds, methods, key):
+    d = process.num_states
+    tokens = sfpjax.sample(process, key=key, batch_size=B, seq_len=L)
+    tokens_np = np.asarray(tokens)
+    n_ref = min(B, 512)
+    ref_b, ref_l = numpy_filter(process.T, process.right, process.eta0, tokens_np[:n_ref])
+
+    fns = {"sfpjax": lambda: sfpjax.filter_beliefs(process, tokens)}
+    if "numpy" in methods:
+        fns["numpy"] = lambda: numpy_filter(process.T, process.right, process.eta0, tokens_np)
+    if "dynamax" in methods and hmm_filter is not None:
+        f = make_dynamax(process)
+        fns["dynamax"] = lambda: f(tokens)
+    if "vmap_scan" in methods:
+        f2 = make_vmap_scan(process)
+        fns["vmap_scan"] = lambda: f2(tokens)
+    if "numba" in methods and numba is not None:
+        f3 = make_numba(process, B, L)
+        fns["numba"] = lambda: f3(tokens_np)
+
+    compile_s, errs = {}, {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        out = _block(fn())
+        compile_s[name] = time.perf_counter() - t0
+        errs[name] = check(name, out, ref_b, ref_l, n_ref)
+        del out
+
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            out = _block(fns[name]())
+            times[name].append(time.perf_counter() - t0)
+            del out
+
+    nbytes = B * L * (d + 1) * 4
+    bw = write_bandwidth(nbytes, repeats=max(5, rounds))
+    limit = bw / ((d + 1) * 4)
+    updates = B * L
+    print(f"\n## {label}  (d={d}, V={process.vocab_size}, B={B}, L={L}, float32, {rounds} rounds)")
+    print(f"write bandwidth {bw / 1e9:.1f} GB/s -> output-write limit {limit / 1e6:.0f} M updates/s")
+    print(f"{'method':10s} {'M upd/s':>9s} {'ms':>8s} {'compile s':>9s} {'sfpjax x':>9s} {'of limit':>8s} {'max err':>8s}")
+    base = np.array(times["sfpjax"])
+    for name, ts in times.items():
+        ts = np.array(ts)
+        med = float(np.median(ts))
+        ratio = float(np.median(ts / base))
+        print(f"{name:10s} {updates / med / 1e6:9.1f} {med * 1e3:8.2f} {compile_s[name]:9.2f} "
+              f"{ratio:9.2f} {updates / med / limit:8.1%} {errs[name]:8.1e}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="B = 4096 only and 3 rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 9, quick 3)")
+    ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 4096 16384)")
+    ap.add_argument("--length", type=int, default=256)
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 9)
+    batches = args.batch or ([4096] if args.quick else [4096, 16384])
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+          f"numba {'absent' if numba is None else numba.__version__}; "
+          f"dynamax {'absent' if hmm_filter is None else 'present'}")
+    mess3 = sfpjax.mess3(0.15, 0.6)
+    prod = sfpjax.product(sfpjax.mess3(0.15, 0.6), sfpjax.mess3(0.15, 0.6))
+    key = jax.random.key(0)
+    for B in batches:
+        slow = ["numpy", "dynamax", "vmap_scan", "numba"]
+        for label, proc in (("Mess3(0.15, 0.6)", mess3), ("Mess3 x Mess3", prod)):
+            key, sub = jax.random.split(key)
+            bench_case(label, proc, B, args.length, rounds, slow, sub)
+
+
+if __name__ == "__main__":
+    main()
