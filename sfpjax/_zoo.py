@@ -427,4 +427,16 @@ def post_quantum(alpha: Scalar = 1.5, beta: Scalar = 0.5, *, dtype=None) -> GHMM
     det = jnp.linalg.det(net)
     upper = jnp.abs(net).sum(1).max()
     radius = _largest_real_root_cubic(tr, minors, det, upper)
-    return GHMM(T / radius, dtype=dtype)
+    # The cubic's coefficients lose digits to cancellation in float32; a few steps of
+    # shifted inverse iteration on the matrix itself recover them (Rayleigh quotient).
+    eye = jnp.eye(3, dtype=dtype)
+    v = jnp.ones((3,), dtype)
+    shift = radius * (1 + 10 * float(np.sqrt(jnp.finfo(dtype).eps)))
+    for _ in range(4):
+        v = jnp.linalg.solve(net - shift * eye, v)
+        v = v / jnp.linalg.norm(v)
+    radius = (v @ net @ v) / (v @ v)
+    # v is |1>> up to scale. Scaling it to entries summing to d (GHMM's default) blows
+    # it up where the entries nearly cancel, so fix its norm to that of the ones vector.
+    right = v * (jnp.sqrt(jnp.asarray(3.0, dtype)) * jnp.where(v.sum() < 0, -1, 1).astype(dtype))
+    return GHMM(T / radius, right=right, dtype=dtype)

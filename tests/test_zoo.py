@@ -198,3 +198,13 @@ def test_jit_of_constructor():
 def test_bad_parameters_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_post_quantum_grid_float32_is_valid():
+    # Small beta makes the net operator's eigenvector entries nearly cancel: a float32
+    # stress test of the spectral normalization and of |1>>.
+    a, b = jnp.meshgrid(jnp.linspace(1.05, 5.0, 12, dtype=jnp.float32), jnp.linspace(0.02, 0.95, 12, dtype=jnp.float32))
+    grid = jax.jit(jax.vmap(sfpjax.post_quantum))(a.ravel(), b.ravel())
+    sfpjax.validate_ghmm(grid)
+    radius = np.abs(np.linalg.eigvals(np.asarray(grid.T, np.float64).sum(1))).max(-1)
+    np.testing.assert_allclose(radius, 1.0, atol=1e-5)
