@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import Array, Key, PRNGKeyArray, PyTree, UInt32
 
 __all__ = [
     "Checkpoint",
@@ -94,7 +94,7 @@ def save_checkpoint(
     *,
     model: PyTree,
     opt_state: PyTree,
-    key: PRNGKeyArray,
+    key: Key[Array, "*K"] | UInt32[Array, "*K n"],
     model_config=None,
     train_config=None,
     extra: dict | None = None,
@@ -108,7 +108,8 @@ def save_checkpoint(
         step: number of optimizer steps taken so far.
         model, opt_state: pytrees (a stack of models works the same); their array leaves
             are saved, the structure comes back from the ``like_*`` trees at restore.
-        key: the run's base PRNG key (typed or raw), saved exactly.
+        key: the run's base PRNG key (typed or raw; a stack of keys for a stack of
+            models), saved exactly.
         model_config, train_config: dataclasses recorded as JSON and compared on restore.
         extra: more JSON-serializable fields for the record.
         keep: keep only the newest ``keep`` checkpoints (older ones are deleted after the
