@@ -1,0 +1,324 @@
+"""Factored and semi-factored steering (seed 001, appendix A; seed 000, section 1).
+
+    python experiments/factored_steering.py                     # both regimes, default config
+    python experiments/factored_steering.py --tiny --out runs/t # seconds
+    python experiments/factored_steering.py --steps 3000 --out runs/x
+
+Regime (i): Z1R x Z1R (9 joint states, 4 tokens). Regime (ii): the partition-preserving
+semi-factored Z1R of seed 000 (sectors span{S0} + span{S1,SR} per factor, prior mass
+p_matched on the matched block P00 and 1 - p_matched on P11). For each regime: train the
+seed's transformer, read final-position blocks.1.hook_resid_post activations of held-out
+sequences with exact beliefs, fit probes, then steer every factor between every pair of
+synchronized marginal beliefs (S0, S1, SR) with three methods:
+
+* centroid: c_t - c_s of the factor's belief classes (seed 001);
+* diff-means: the behavioural difference in means sum_y (Pr(y|t) - Pr(y|s)) mu_y, where
+  mu_y is the mean activation of contexts whose next factor-f sub-symbol was y (labels only,
+  no beliefs); for binary symbols (Pr_t(1) - Pr_s(1)) (mu_1 - mu_0);
+* belief-state: through the joint probe's least-squares inverse (seed 000 steps 1-5).
+
+Writes config.json, results.json, report.md and plots into --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import sfpjax  # noqa: E402
+import sfpjax.plots  # noqa: E402
+from _cli import config_json, parse_config  # noqa: E402
+
+SITE = "blocks.1.hook_resid_post"
+METHODS = ("centroid", "diff-means", "belief-state")
+NAMES = ("S0", "S1", "SR")
+
+SEED_TABLE1 = {  # scale: (target, steered factor, unsteered factor)
+    0.0: (0.014, 0.000, 0.000), 0.5: (0.095, 0.046, 0.000), 1.0: (0.222, 0.146, 0.000),
+    1.5: (0.567, 0.439, 0.001), 2.0: (1.036, 0.850, 0.002), 3.0: (1.703, 1.443, 0.004),
+}
+SEED_TABLE2 = {  # scale: (forbidden P10, forbidden P01, target P10, target P01)
+    0.0: (0.001, 0.001, 0.518, 0.516), 0.5: (0.000, 0.000, 0.983, 0.986),
+    1.0: (0.000, 0.001, 0.999, 0.999), 2.0: (0.019, 0.080, 0.981, 0.920),
+    3.0: (0.130, 0.373, 0.870, 0.627), 5.0: (0.395, 0.691, 0.605, 0.309),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    out: str = "runs/factored_steering"
+    regimes: tuple[str, ...] = ("factored", "semi")
+    steps: int = 3000
+    batch_size: int = 64
+    seq_len: int = 10
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 2
+    d_mlp: int = 256
+    n_fit: int = 2000          # held-out sequences for centroids, means and probes
+    n_eval: int = 500          # held-out sequences that are steered (seed 001: 500)
+    min_class: int = 10        # a belief class needs this many sequences in both sets
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
+    p_matched: float = 0.5
+    probe_ridge: float = 0.0   # ridge of the joint probe used by belief-state steering
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny": dict(steps=60, batch_size=16, seq_len=6, d_model=16, d_mlp=32, n_fit=200, n_eval=60,
+                 min_class=2, warmup_steps=5),
+}
+
+
+def build(regime: str, config: Config):
+    if regime == "factored":
+        z = sfpjax.z1r()
+        return sfpjax.product(z, z), (z, z), None
+    if regime == "semi":
+        sfp = sfpjax.partitioned_z1r_sfp(config.p_matched)
+        return sfp.process, sfp.factors, sfp.sectors
+    raise ValueError(f"unknown regime {regime!r}; use 'factored' or 'semi'.")
+
+
+def final_acts(model, tokens):
+    run = jax.jit(jax.vmap(lambda t: model(t, sites=[SITE])))
+    logits, acts = run(tokens)
+    return np.asarray(acts[SITE][:, -1]), np.asarray(jax.nn.softmax(logits[:, -1]))
+
+
+def sector_of(belief, sectors):
+    for k, idx in enumerate(sectors):
+        if np.abs(belief).sum() - np.abs(belief[list(idx)]).sum() < 1e-6:
+            return k
+    return None
+
+
+def run_regime(regime: str, config: Config, key):
+    process, factors, sectors = build(regime, config)
+    dims = tuple(f.num_states for f in factors)
+    vocab = tuple(f.vocab_size for f in factors)
+    model_key, train_key, fit_key, eval_key, loss_key = jax.random.split(key, 5)
+    L = config.seq_len
+    # Without BOS the last position of a training sequence has no target, so train on L + 1 tokens:
+    # the steered position L - 1 (which has read x_1..x_L) is then one the loss has shaped.
+    model_cfg = sfpjax.TransformerConfig(vocab_size=process.vocab_size, n_ctx=L + 1, n_layers=config.n_layers,
+                                         d_model=config.d_model, n_heads=config.n_heads, d_mlp=config.d_mlp)
+    train_cfg = sfpjax.TrainConfig(steps=config.steps, batch_size=config.batch_size, seq_len=L + 1,
+                                   learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                                   log_every=max(1, config.steps // 20))
+    t0 = time.perf_counter()
+    model = sfpjax.train(sfpjax.Transformer(model_cfg, key=model_key), process, train_cfg, key=train_key,
+                         progress=False).model
+    train_s = time.perf_counter() - t0
+    ev = sfpjax.evaluate(model, process, key=loss_key, batch_size=1024, seq_len=L + 1)
+
+    # Held-out sequences of length L + 1: the model reads x_1..x_L, x_{L+1} is the observed next symbol.
+    data = {}
+    for name, k, n in (("fit", fit_key, config.n_fit), ("eval", eval_key, config.n_eval)):
+        toks = sfpjax.sample(process, key=k, batch_size=n, seq_len=L + 1)
+        beliefs = np.asarray(sfpjax.filter_beliefs(process, toks[:, :L]).beliefs[:, -1], np.float64)
+        acts, probs = final_acts(model, toks[:, :L])
+        nxt = [np.asarray(s) for s in sfpjax.decode_tokens(toks[:, L], vocab)]
+        margs = [np.asarray(m) for m in sfpjax.factor_marginals(beliefs, dims)]
+        data[name] = dict(tokens=toks[:, :L], beliefs=beliefs, acts=acts, probs=probs, next=nxt, marg=margs)
+    fit, evl = data["fit"], data["eval"]
+
+    factor_probes = sfpjax.fit_factor_probes(fit["acts"], fit["beliefs"], dims)
+    joint_probe = sfpjax.fit_probe(fit["acts"], fit["beliefs"], ridge=config.probe_ridge)
+    r2 = {f"factor{f}": float(sfpjax.probe_r2(p, evl["acts"], evl["marg"][f])) for f, p in enumerate(factor_probes)}
+    r2["joint"] = float(sfpjax.probe_r2(joint_probe, evl["acts"], evl["beliefs"]))
+
+    scales = jnp.asarray(config.scales, jnp.float32)
+    pairs = []
+    for f in range(len(dims)):
+        fc = sfpjax.factor_centroids(fit["acts"], fit["beliefs"], dims, f)
+        mu, _ = sfpjax.label_means(fit["acts"], fit["next"][f], vocab[f])
+        model_marg = np.asarray(sfpjax.factor_token_marginals(evl["probs"], vocab)[f])
+        classes = []
+        for k in fc.classes(config.min_class):
+            b = fc.beliefs[k]
+            in_eval = np.abs(evl["marg"][f] - b[None]).max(-1) < 1e-5
+            if b.max() > 1 - 1e-6 and in_eval.sum() >= config.min_class:
+                classes.append((b, in_eval))
+        for bs, src in classes:
+            for bt, tgt in classes:
+                if np.array_equal(bs, bt):
+                    continue
+                p_s = np.asarray(sfpjax.next_token_probs(factors[f], jnp.asarray(bs, jnp.float32)))
+                p_t = np.asarray(sfpjax.next_token_probs(factors[f], jnp.asarray(bt, jnp.float32)))
+                # Every call steers the whole eval batch and averages over the source class, so
+                # all pairs and methods share one compiled sweep.
+                n_eval = evl["acts"].shape[0]
+                vectors = {
+                    "centroid": np.broadcast_to(sfpjax.centroid_vector(fc, bs, bt), (n_eval, config.d_model)),
+                    "diff-means": np.broadcast_to((p_t - p_s) @ mu, (n_eval, config.d_model)),
+                    "belief-state": sfpjax.belief_state_delta(joint_probe, jnp.asarray(evl["acts"], jnp.float32), dims, f,
+                                                              jnp.asarray(bt, jnp.float32)),
+                }
+                token_classes, block = None, None
+                if sectors is not None:
+                    s_sec, t_sec = sector_of(bs, sectors[f]), sector_of(bt, sectors[f])
+                    if s_sec == 0 and t_sec == 1:
+                        # Sources in the matched block P00; the other factor sits at S0.
+                        others = [np.eye(d)[0] for d in dims]
+                        others[f] = bt
+                        block = tuple(1 if g == f else 0 for g in range(len(dims)))
+                        token_classes = sfpjax.sector_token_classes(factors, sectors, block, others)
+                exact_probs = sfpjax.next_token_probs(process, jnp.asarray(evl["beliefs"], jnp.float32))
+                row = dict(factor=f, source=NAMES[int(bs.argmax())], target=NAMES[int(bt.argmax())],
+                           n_source=int(src.sum()),
+                           block=None if block is None else "P" + "".join(map(str, block)), methods={})
+                for method, vec in vectors.items():
+                    res = sfpjax.evaluate_steering(
+                        model, evl["tokens"], SITE, jnp.asarray(vec, jnp.float32), scales, factor=f, vocab_sizes=vocab,
+                        target_marginal=jnp.asarray(model_marg[tgt].mean(0), jnp.float32),
+                        exact_target_marginal=jnp.asarray(p_t, jnp.float32), exact_probs=exact_probs,
+                        token_classes=token_classes, mask=jnp.asarray(src))
+                    row["methods"][method] = {k: np.asarray(v).tolist() for k, v in res._asdict().items()
+                                              if k != "scales"}
+                pairs.append(row)
+    summary = summarize(pairs, config)
+    return dict(regime=regime, train_seconds=train_s, excess_loss_pct=float(ev.excess_pct),
+                excess_last_pct=float(ev.excess_last_pct), probe_r2=r2, pairs=pairs, summary=summary)
+
+
+def _mean(rows, method, key):
+    vals = np.array([r["methods"][method][key] for r in rows], np.float64)
+    return np.nanmean(vals, 0).tolist() if len(vals) else [float("nan")] * 0
+
+
+def summarize(pairs, config):
+    out = {}
+    for method in METHODS:
+        m = {}
+        for key in ("kl_target", "kl_steered", "kl_unsteered", "kl_target_exact", "kl_unsteered_exact"):
+            m[key] = _mean(pairs, method, key)
+            for f in (0, 1):
+                m[f"{key}_factor{f}"] = _mean([r for r in pairs if r["factor"] == f], method, key)
+        st, un = np.array(m["kl_steered"]), np.array(m["kl_unsteered"])
+        m["specificity"] = np.where(un > 0, st / np.where(un > 0, un, 1), np.inf).tolist()
+        for block in ("P10", "P01"):
+            rows = [r for r in pairs if r["block"] == block]
+            for key in ("target_mass", "allowed_mass", "forbidden_mass"):
+                m[f"{key}_{block}"] = _mean(rows, method, key) if rows else []
+        out[method] = m
+    return out
+
+
+def _fmt(x):
+    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3g}"
+
+
+def report(results, config):
+    scales = list(config.scales)
+    lines = ["# Factored and semi-factored steering", "",
+             f"Config: `{json.dumps(dataclasses.asdict(config))}`", ""]
+    for name, res in results["regimes"].items():
+        lines += [f"## Regime: {name}", "",
+                  f"Training: {res['train_seconds']:.1f}s; excess loss over the exact floor "
+                  f"{res['excess_loss_pct']:.3f}% (last position {res['excess_last_pct']:.3f}%). "
+                  f"Probe R^2 (held out): " + ", ".join(f"{k} {v:.4f}" for k, v in res["probe_r2"].items()), "",
+                  f"Pairs steered: {len(res['pairs'])} (" + ", ".join(
+                      f"f{r['factor']} {r['source']}->{r['target']} n={r['n_source']}" for r in res["pairs"]) + ")", ""]
+        s = res["summary"]["centroid"]
+        if name == "factored":
+            lines += ["### Table 1 (centroid steering, mean over all pairs of both factors; seed in brackets)", "",
+                      "| scale | KL(target-model ‖ steered) | KL(steered factor) | KL(unsteered factor) | KL(exact target ‖ steered) |",
+                      "|---|---|---|---|---|"]
+            for i, sc in enumerate(scales):
+                seed = SEED_TABLE1.get(sc)
+                br = (lambda j: f" [{seed[j]:.3f}]") if seed else (lambda j: "")
+                lines.append(f"| {sc} | {_fmt(s['kl_target'][i])}{br(0)} | {_fmt(s['kl_steered'][i])}{br(1)} | "
+                             f"{_fmt(s['kl_unsteered'][i])}{br(2)} | {_fmt(s['kl_target_exact'][i])} |")
+            lines.append("")
+        if name == "semi":
+            lines += ["### Spillover per steered factor (centroid; KL of the other factor; seed: factor 1 < 0.014 "
+                      "at scale 3, factor 0 0.34 at scale 1)", "",
+                      "| scale | steer f0: steered | steer f0: spillover | steer f1: steered | steer f1: spillover |",
+                      "|---|---|---|---|---|"]
+            for i, sc in enumerate(scales):
+                lines.append(f"| {sc} | {_fmt(s['kl_steered_factor0'][i])} | {_fmt(s['kl_unsteered_factor0'][i])} | "
+                             f"{_fmt(s['kl_steered_factor1'][i])} | {_fmt(s['kl_unsteered_factor1'][i])} |")
+            lines += ["", "### Table 2 (centroid; sources in P00, steered factor pushed into span{S1,SR}; seed in brackets)", "",
+                      "P10: factor 0 pushed (forbidden = x_1 = 1); P01: factor 1 pushed (forbidden = x_0 = 1).", "",
+                      "| scale | forbidden P10 | forbidden P01 | target-class P10 | target-class P01 | allowed-not-target P10 | allowed-not-target P01 |",
+                      "|---|---|---|---|---|---|---|"]
+            for i, sc in enumerate(scales):
+                seed = SEED_TABLE2.get(sc)
+                br = (lambda j: f" [{seed[j]:.3f}]") if seed else (lambda j: "")
+                g = lambda k: _fmt(s[k][i]) if s[k] else "—"
+                lines.append(f"| {sc} | {g('forbidden_mass_P10')}{br(0)} | {g('forbidden_mass_P01')}{br(1)} | "
+                             f"{g('target_mass_P10')}{br(2)} | {g('target_mass_P01')}{br(3)} | "
+                             f"{g('allowed_mass_P10')} | {g('allowed_mass_P01')} |")
+            lines.append("")
+        i1 = scales.index(1.0) if 1.0 in scales else len(scales) // 2
+        lines += [f"### Methods side by side at scale {scales[i1]}", "",
+                  "| method | KL(target-model ‖ steered) | KL(exact target ‖ steered) | steered | unsteered | specificity | "
+                  "unsteered vs exact |", "|---|---|---|---|---|---|---|"]
+        for method in METHODS:
+            m = res["summary"][method]
+            lines.append(f"| {method} | {_fmt(m['kl_target'][i1])} | {_fmt(m['kl_target_exact'][i1])} | "
+                         f"{_fmt(m['kl_steered'][i1])} | {_fmt(m['kl_unsteered'][i1])} | {_fmt(m['specificity'][i1])} | "
+                         f"{_fmt(m['kl_unsteered_exact'][i1])} |")
+        lines.append("")
+    lines.append(f"Total wall time: {results['seconds']:.1f}s on {results['device']}.")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results, config):
+    x = np.asarray(config.scales)
+    for name, res in results["regimes"].items():
+        for f in (0, 1):
+            ys = {}
+            for method in METHODS:
+                m = res["summary"][method]
+                ys[f"{method} steered"] = np.maximum(np.asarray(m[f"kl_steered_factor{f}"], np.float64), 1e-8)
+                ys[f"{method} unsteered"] = np.maximum(np.asarray(m[f"kl_unsteered_factor{f}"], np.float64), 1e-8)
+            sfpjax.plots.plot_lines(x, ys, os.path.join(config.out, f"kl_{name}_factor{f}.png"), "steering scale",
+                                    "KL (nats, floored at 1e-8)", logy=True, title=f"{name}: steering factor {f}")
+        if name == "semi":
+            ys = {f"{method} {block}": np.asarray(res["summary"][method][f"forbidden_mass_{block}"], np.float64)
+                  for method in METHODS for block in ("P10", "P01") if res["summary"][method][f"forbidden_mass_{block}"]}
+            if ys:
+                sfpjax.plots.plot_lines(x, ys, os.path.join(config.out, "forbidden_mass_semi.png"), "steering scale",
+                                        "forbidden-token mass", title="semi-factored: partition violation")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--preset" if a == "--tiny" else a for a in argv]
+    if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] != ["tiny"]:
+        argv.insert(argv.index("--preset") + 1, "tiny")
+    config = parse_config(Config, argv, presets=PRESETS, description=__doc__)
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "config.json"), "w") as f:
+        f.write(config_json(config))
+    t0 = time.perf_counter()
+    key = jax.random.key(config.seed)
+    results = {"config": dataclasses.asdict(config), "device": str(jax.devices()[0]), "regimes": {}}
+    for i, regime in enumerate(config.regimes):
+        results["regimes"][regime] = run_regime(regime, config, jax.random.fold_in(key, i))
+        print(f"{regime}: done after {time.perf_counter() - t0:.1f}s", flush=True)
+    results["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(config.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = report(results, config)
+    with open(os.path.join(config.out, "report.md"), "w") as f:
+        f.write(text)
+    plots(results, config)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
