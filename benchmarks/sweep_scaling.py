@@ -1,0 +1,175 @@
+"""Points/s of a sweep: one vmapped, sharded program versus a Python loop over points.
+
+    python benchmarks/sweep_scaling.py            # full
+    python benchmarks/sweep_scaling.py --quick    # a short run
+
+1. Exact-statistics sweep over Mess3(x, a) (myopic entropies, distinct beliefs, belief
+   spread): ``sfpjax.run_sweep`` (jit(vmap) over a chunk, sharded over local devices) versus
+   a Python loop that calls the same jitted per-point function once per point.
+2. Scaling with the number of host devices: the same sweep in subprocesses with
+   ``--xla_force_host_platform_device_count`` = 1, 2, 4, 8 (forced devices share the
+   machine's physical cores, so this measures sharding overhead, not extra hardware).
+3. Training sweep: K transformers trained as one vmapped program (``sfpjax.train_stack``)
+   versus K sequential ``sfpjax.train`` runs with the same configuration.
+Correctness is checked before timing (the loop and the sweep give the same numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+DEPTH, DISTINCT_DEPTH = 6, 5
+
+
+def point_fn(p):
+    import jax.numpy as jnp
+
+    import sfpjax
+
+    process = sfpjax.mess3(p["x"], p["a"])
+    myopic = sfpjax.myopic_entropies(process, DEPTH)
+    beliefs, probs = sfpjax.word_beliefs(process, DISTINCT_DEPTH)
+    spread = jnp.sqrt(probs @ ((beliefs - probs @ beliefs) ** 2).sum(-1))
+    return {"h": myopic[-1], "distinct": sfpjax.num_distinct_beliefs(process, DISTINCT_DEPTH), "spread": spread}
+
+
+def make_grid(n):
+    import sfpjax
+
+    return sfpjax.grid(x=np.linspace(0.02, 0.48, n), a=np.linspace(0.02, 0.98, n))
+
+
+def time_sweep(n, rounds):
+    """Best-of-rounds seconds for run_sweep over an n x n grid (fresh folder each round)."""
+    import jax
+
+    import sfpjax
+
+    g = make_grid(n)
+    t0 = time.perf_counter()
+    res = sfpjax.run_sweep(point_fn, g, out_dir=tempfile.mkdtemp(), progress=False)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sfpjax.run_sweep(point_fn, g, out_dir=tempfile.mkdtemp(), progress=False)
+        times.append(time.perf_counter() - t0)
+    return res, first, float(np.median(times)), len(jax.devices())
+
+
+def exact_sweep_vs_loop(n, rounds):
+    import jax
+    import jax.numpy as jnp
+
+    g = make_grid(n)
+    cols = g.columns()
+    single = jax.jit(point_fn)
+    res, first, sweep_s, n_dev = time_sweep(n, rounds)
+    # Loop baseline: same jitted per-point function, one call per point.
+    t0 = time.perf_counter()
+    jax.block_until_ready(single({"x": jnp.float32(cols["x"][0]), "a": jnp.float32(cols["a"][0])}))
+    loop_compile = time.perf_counter() - t0
+    loop_times, out = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = [single({"x": jnp.float32(x), "a": jnp.float32(a)}) for x, a in zip(cols["x"], cols["a"])]
+        jax.block_until_ready(out)
+        loop_times.append(time.perf_counter() - t0)
+    loop_s = float(np.median(loop_times))
+    loop_h = np.array([float(o["h"]) for o in out])
+    np.testing.assert_allclose(res.table["h"], loop_h, rtol=1e-5)
+    np.testing.assert_array_equal(res.table["distinct"], [int(o["distinct"]) for o in out])
+    pts = len(g)
+    return {
+        "points": pts, "devices": n_dev,
+        "sweep_first_call_s": first, "sweep_s": sweep_s, "sweep_points_per_s": pts / sweep_s,
+        "loop_compile_s": loop_compile, "loop_s": loop_s, "loop_points_per_s": pts / loop_s,
+        "speedup": loop_s / sweep_s,
+    }
+
+
+def device_scaling(n, rounds, counts=(1, 2, 4, 8)):
+    rows = []
+    for c in counts:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={c}", JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), str(rounds)], env=env,
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def training_vmapped_vs_sequential(k, steps):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import sfpjax
+
+    xs = jnp.linspace(0.05, 0.45, k, dtype=jnp.float32)
+    processes = jax.vmap(sfpjax.mess3)(xs, jnp.full(k, 0.6, jnp.float32))
+    mcfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=10, n_layers=1, d_model=32, n_heads=2, d_mlp=128)
+    tcfg = sfpjax.TrainConfig(steps=steps, batch_size=64, seq_len=10, learning_rate=3e-3, warmup_steps=10,
+                              eval_every=0, log_every=steps)
+    keys = jax.random.split(jax.random.key(0), k)
+    models = eqx.filter_vmap(lambda kk: sfpjax.Transformer(mcfg, key=kk))(keys)
+    train_key = jax.random.key(1)
+
+    def run_stack():
+        return sfpjax.train_stack(models, processes, tcfg, key=train_key, progress=False)
+
+    def run_sequential():
+        outs = []
+        for i in range(k):
+            m = jax.tree.map(lambda a: a[i] if eqx.is_array(a) else a, models)
+            p = jax.tree.map(lambda a: a[i], processes)
+            outs.append(sfpjax.train(m, sfpjax.ProcessSource(p), tcfg, key=train_key, progress=False))
+        return outs
+
+    run_stack(), run_sequential()  # compile both
+    t0 = time.perf_counter()
+    run_stack()
+    stack_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_sequential()
+    seq_s = time.perf_counter() - t0
+    return {"k": k, "steps": steps, "stacked_s": stack_s, "sequential_s": seq_s, "speedup": seq_s / stack_s}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        n, rounds = args.child
+        _, first, sweep_s, n_dev = time_sweep(n, rounds)
+        print(json.dumps({"devices": n_dev, "points": n * n, "first_call_s": first, "sweep_s": sweep_s,
+                          "points_per_s": n * n / sweep_s}))
+        return
+    import jax
+
+    n, rounds, k, steps = (16, 2, 4, 50) if args.quick else (32, 3, 8, 200)
+    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, cpus: {os.cpu_count()}")
+    r = exact_sweep_vs_loop(n, rounds)
+    print(f"exact sweep {n}x{n} Mess3 points (myopic depth {DEPTH}, distinct beliefs depth {DISTINCT_DEPTH}):")
+    print(f"  run_sweep (jit+vmap): {r['sweep_points_per_s']:10.0f} points/s  (first call incl. compile {r['sweep_first_call_s']:.2f}s)")
+    print(f"  python loop of jit  : {r['loop_points_per_s']:10.0f} points/s  (compile {r['loop_compile_s']:.2f}s)")
+    print(f"  ratio sweep/loop    : {r['speedup']:10.1f}x")
+    print("device scaling (forced host devices on the same physical cores):")
+    for row in device_scaling(n, rounds):
+        print(f"  {row['devices']} devices: {row['points_per_s']:10.0f} points/s")
+    t = training_vmapped_vs_sequential(k, steps)
+    print(f"training sweep: {k} models x {steps} steps: stacked {t['stacked_s']:.2f}s, "
+          f"sequential {t['sequential_s']:.2f}s, ratio {t['speedup']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
