@@ -143,7 +143,7 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 
     >>> import sfpjax
     >>> lr = sfpjax.make_schedule(sfpjax.TrainConfig(steps=10, batch_size=1, seq_len=2, warmup_steps=2))
-    >>> float(lr(0)), float(lr(2))
+    >>> float(lr(0)), round(float(lr(2)), 6)
     (0.0, 0.001)
     """
     peak = float(cfg.learning_rate)
@@ -191,6 +191,7 @@ def _check_batch(tokens) -> None:
         )
 
 
+@eqx.filter_jit
 def per_position_loss(model, tokens: Int[Array, "B L"]) -> Float[Array, "B P"]:
     """Cross-entropy ``-log q(x_next | context)`` of every scored position of every sequence.
 
@@ -215,14 +216,16 @@ def per_position_loss(model, tokens: Int[Array, "B L"]) -> Float[Array, "B P"]:
     return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+@eqx.filter_jit
 def next_token_loss(model, tokens: Int[Array, "B L"]) -> Float[Array, ""]:
     """Mean next-token cross-entropy in nats over all scored positions of a batch.
 
-    >>> import jax.numpy as jnp, jax.random as jr, sfpjax
+    >>> import math, jax.numpy as jnp, jax.random as jr, sfpjax
     >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
     >>> model = sfpjax.Transformer(cfg, key=jr.key(0))
-    >>> round(float(sfpjax.next_token_loss(model, jnp.zeros((2, 5), jnp.int32))), 1)
-    1.1
+    >>> loss = sfpjax.next_token_loss(model, jnp.zeros((2, 5), jnp.int32))
+    >>> abs(float(loss) - math.log(3)) < 0.2  # near-uniform predictions at initialization
+    True
     """
     return per_position_loss(model, tokens).mean()
 
@@ -327,6 +330,17 @@ def _evaluate(model, process, key, floor, batch_size: int, seq_len: int) -> Eval
         excess_last=excess[-1],
         excess_last_pct=_pct(excess[-1], floor[-1]),
     )
+
+
+@eqx.filter_jit
+def _evaluate_stack(model, process, key, floor, batch_size: int, seq_len: int, shared: bool) -> EvalResult:
+    def one(m, p, k, f):
+        return _evaluate(m, p, k, f, batch_size, seq_len)
+
+    return eqx.filter_vmap(one, in_axes=(0, None if shared else 0, 0, 0))(model, process, key, floor)
+
+
+_fold_in_stack = jax.jit(jax.vmap(jr.fold_in, in_axes=(0, None)))
 
 
 def evaluate(
@@ -587,7 +601,7 @@ def _run(
         data_key, eval_key = jr.split(key)
 
     def step_key(base, s):
-        return jax.vmap(jr.fold_in, in_axes=(0, None))(base, s) if stacked else jr.fold_in(base, s)
+        return _fold_in_stack(base, s) if stacked else jr.fold_in(base, s)
 
     use_bos = _use_bos(model)
     floor = None
@@ -604,11 +618,7 @@ def _run(
     def run_eval(m, s):
         k = step_key(eval_key, s)
         if stacked:
-            fn = eqx.filter_vmap(
-                lambda mm, p, kk, fl: _evaluate(mm, p, kk, fl, cfg.eval_batch_size, cfg.seq_len),
-                in_axes=(0, None if eval_shared else 0, 0, 0),
-            )
-            return fn(m, eval_process, k, floor)
+            return _evaluate_stack(m, eval_process, k, floor, cfg.eval_batch_size, cfg.seq_len, eval_shared)
         return _evaluate(m, eval_process, k, floor, cfg.eval_batch_size, cfg.seq_len)
 
     model_config = getattr(model, "config", None)

@@ -140,11 +140,13 @@ def test_corrupted_checkpoint_is_reported_and_the_previous_one_survives(full_run
             with open(f, "r+b") as fh:
                 fh.truncate(os.path.getsize(f) // 2)
     elif damage == "flip":
-        # Flip one byte inside an array's stored value (not the index): only the checksum sees it.
-        for f in _state_files(run_dir, 12):
-            data = bytearray(f.read_bytes())
-            data[-1] ^= 0x01
-            f.write_bytes(bytes(data))
+        # One flipped bit inside the stored values: readable, but the checksum sees it.
+        f = max(_state_files(run_dir, 12), key=lambda p: p.stat().st_size)
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="do not match the checksum"):
+            sfpjax.restore_checkpoint(run_dir, full.model, full.opt_state)
     else:
         (run_dir / "checkpoints" / "12" / "meta" / "metadata").unlink()
     with pytest.raises(CheckpointError, match=r"checkpoint step 12 .* partial or corrupted.*step=8"):
