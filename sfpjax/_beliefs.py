@@ -28,6 +28,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ._ghmm import GHMM
@@ -76,13 +77,6 @@ def _check_process(process: GHMM) -> None:
 
 
 def _check_tokens(process: GHMM, tokens) -> Array:
-    tokens = jnp.asarray(tokens)
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be an integer array, got dtype {tokens.dtype}.")
-    if tokens.ndim < 1:
-        raise ValueError("tokens must have at least one axis (the sequence axis), got a scalar.")
-    if tokens.shape[-1] < 1:
-        raise ValueError("tokens must contain at least one token per sequence (got length 0).")
     V = process.vocab_size
     out_of_range = jnp.any((tokens < 0) | (tokens >= V))
     return eqx.error_if(
@@ -148,20 +142,15 @@ def _step_gemm(Tm, right, eta, x):
     return unnorm, right @ unnorm
 
 
-def _filter_time_major(
-    process: GHMM, tokens_t: Int[Array, "L B"], eta0: Float[Array, "d B"]
-) -> tuple[Float[Array, "L d B"], Float[Array, "L B"]]:
-    """Beliefs ``(L, d, B)`` and the positive normalizers ``(L, B)`` (1 at impossible steps).
-
-    The batch is the minor axis so every per-step operation is a long contiguous vector op.
-    The logarithm is left to the caller, outside the sequential loop.
-    """
+def _joint_step(process: GHMM):
+    """Step on the full belief ``(d, B)`` (a one-element tuple): returns ``((new,), norm)``."""
     V, d, _ = process.T.shape
     T, right = process.T, process.right
     elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
     Tm = jnp.swapaxes(T, 1, 2).reshape(V * d, d)
 
-    def step(eta, x):
+    def step(etas, x):
+        (eta,) = etas
         if elementwise:
             rows = [eta[i] for i in range(d)]
             unnorm, norm = _step_elementwise(T, right, rows, x)
@@ -172,31 +161,160 @@ def _filter_time_major(
         inv = 1.0 / jnp.where(ok, norm, jnp.ones((), norm.dtype))
         # Per-row expressions keep each update a single fused vector loop per state.
         new = jnp.stack([jnp.where(ok, unnorm[j] * inv, rows[j]) for j in range(d)])
-        # A non-positive normalizer is reported as 0 so the caller's log gives -inf.
-        return new, (new, jnp.where(ok, norm, jnp.zeros((), norm.dtype)))
+        return (new,), norm
 
-    _, (beliefs, norms) = jax.lax.scan(step, eta0, tokens_t)
-    return beliefs, norms
+    return step
 
 
-def _log_normalizers(norms: Float[Array, "L B"]) -> Float[Array, "B L"]:
-    norms = norms.T
-    pos = norms > 0
-    return jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
+def _leaf_factors(process: GHMM) -> list[GHMM]:
+    if process.factors is None:
+        return [process]
+    return [leaf for f in process.factors for leaf in _leaf_factors(f)]
 
 
-@eqx.filter_jit
+def _factored_step(factors: list[GHMM]):
+    """Step on one belief ``(d_f, B)`` per factor of a product process.
+
+    The joint normalizer is the product of the factor normalizers; an impossible joint step
+    (product not positive) leaves every factor unchanged, as the joint step leaves the
+    joint belief, and dividing each factor by its own normalizer then gives exactly the
+    Kronecker factors of the joint update.
+    """
+    sizes = [f.vocab_size for f in factors]
+    strides = [int(np.prod(sizes[k + 1:], dtype=np.int64)) for k in range(len(sizes))]
+    updates = [_factor_update(f) for f in factors]
+
+    def symbol(x, k):
+        # decode_tokens for one factor; the most significant factor needs no modulo
+        sub = x // strides[k] if strides[k] > 1 else x
+        return sub % sizes[k] if k > 0 else sub
+
+    def step(etas, x):
+        parts = [upd(eta, symbol(x, k)) for k, (upd, eta) in enumerate(zip(updates, etas))]
+        norm = parts[0][1]
+        for _, n in parts[1:]:
+            norm = norm * n
+        ok = norm > 0
+        new = []
+        for (unnorm, n), eta in zip(parts, etas):
+            inv = 1.0 / jnp.where(ok, n, jnp.ones((), n.dtype))
+            new.append(jnp.stack([jnp.where(ok, unnorm[j] * inv, eta[j]) for j in range(eta.shape[0])]))
+        return tuple(new), norm
+
+    return step
+
+
+def _factor_update(process: GHMM):
+    V, d, _ = process.T.shape
+    T, right = process.T, process.right
+    elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
+    Tm = jnp.swapaxes(T, 1, 2).reshape(V * d, d)
+
+    def update(eta, x):
+        if elementwise:
+            return _step_elementwise(T, right, [eta[i] for i in range(d)], x)
+        return _step_gemm(Tm, right, eta, x)
+
+    return update
+
+
+def _kron_rows(blocks: list[Array]) -> Array:
+    """``(n, d_0, B), (n, d_1, B), ... -> (n, d_0 d_1 ..., B)``: the Kronecker product per column."""
+    out = blocks[0]
+    for b in blocks[1:]:
+        n, da, B = out.shape
+        out = (out[:, :, None, :] * b[:, None, :, :]).reshape(n, da * b.shape[1], B)
+    return out
+
+
+# Time steps per block: the block's beliefs (Lb, d, B) are transposed to the output layout
+# while they are still in cache, and the big output is only ever written in place.
+_BLOCK = 32
+
+
+def _filter_into(
+    step, etas: tuple[Array, ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array
+) -> tuple[Array, Array]:
+    """Run ``step`` over all ``L`` tokens, writing ``(B, L, d)`` beliefs and ``(B, L)`` logs.
+
+    The belief state keeps the batch as its minor axis (long contiguous vector operations);
+    the output buffers are loop carries updated with ``dynamic_update_slice``, which XLA
+    performs in place, so no full-size intermediate is ever materialized.
+    """
+    B, L = tokens.shape
+    d = beliefs.shape[-1]
+
+    def scan_step(etas, x):
+        new, norm = step(etas, x)
+        return new, (new, norm)
+
+    def block(t0, n, etas, beliefs, lognorm):
+        tok = jax.lax.dynamic_slice(tokens, (0, t0), (B, n)).T
+        etas, (stack, norms) = jax.lax.scan(scan_step, etas, tok)
+        rows = _kron_rows(list(stack)).reshape(n * d, B)
+        pos = norms > 0
+        logs = jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
+        beliefs = jax.lax.dynamic_update_slice(beliefs, rows.T.reshape(B, n, d), (0, t0, 0))
+        lognorm = jax.lax.dynamic_update_slice(lognorm, logs.T, (0, t0))
+        return etas, beliefs, lognorm
+
+    nblocks, rest = divmod(L, _BLOCK)
+    carry = (etas, beliefs, lognorm)
+    if nblocks:
+        carry = jax.lax.fori_loop(0, nblocks, lambda i, c: block(i * _BLOCK, _BLOCK, *c), carry)
+    if rest:
+        carry = block(nblocks * _BLOCK, rest, *carry)
+    return carry[1], carry[2]
+
+
+def _filter_impl(process, tokens, initial, out):
+    tokens = _check_tokens(process, tokens)
+    batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
+    d = process.num_states
+    flat = tokens.reshape(-1, L).astype(jnp.int32)
+    B = flat.shape[0]
+    factors = _leaf_factors(process) if initial is None else [process]
+    if len(factors) > 1:
+        step = _factored_step(factors)
+        etas = tuple(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B)) for f in factors)
+    else:
+        step = _joint_step(process)
+        if initial is None:
+            eta0 = jnp.broadcast_to(process.eta0[:, None], (d, B))
+        else:
+            eta0 = jnp.broadcast_to(initial, batch_shape + (d,)).reshape(B, d).T
+        etas = (eta0,)
+    if out is None:
+        beliefs = jnp.zeros((B, L, d), process.dtype)
+        lognorm = jnp.zeros((B, L), process.dtype)
+    else:
+        beliefs = out.beliefs.reshape(B, L, d)
+        lognorm = out.log_normalizers.reshape(B, L)
+    beliefs, lognorm = _filter_into(step, etas, flat, beliefs, lognorm)
+    return FilterResult(beliefs.reshape(batch_shape + (L, d)), lognorm.reshape(batch_shape + (L,)))
+
+
+_filter_fresh = jax.jit(_filter_impl)
+_filter_donated = jax.jit(_filter_impl, donate_argnames="out")
+
+
 def filter_beliefs(
     process: GHMM,
     tokens: Int[Array, "*batch L"],
     *,
     initial: Float[Array, "*#batch d"] | None = None,
+    out: FilterResult | None = None,
 ) -> FilterResult:
     """Beliefs after every prefix, and the per-step log normalizers, for a batch of sequences.
 
     Computes ``<<eta(x_1..x_t)| = <<eta(0)|T(x_1)...T(x_t) / <<eta(0)|T(x_1..x_t)|1>>``
     for ``t = 1..L`` by normalizing at every step (stable at any length), for HMMs and
     GHMMs alike (the normalizer is ``<<eta|T(x)|1>>``, so negative entries are fine).
+
+    A process built by ``sfpjax.product`` (``process.factors`` set) started from its own
+    ``eta0`` is filtered one factor at a time: each factor's belief is updated with its
+    own symbol and the joint belief is written as their Kronecker product, which is the
+    same belief at a fraction of the cost. An explicit ``initial`` uses the joint update.
 
     Args:
         process: a single GHMM (``T`` of shape ``(V, d, d)``); ``jax.vmap`` over stacked
@@ -205,6 +323,12 @@ def filter_beliefs(
             leading batch axes (none for a single sequence).
         initial: the belief before the first token; default ``process.eta0``. Either one
             row vector ``(d,)`` or one per sequence ``(*batch, d)``.
+        out: a previous result of the same shape and dtype whose buffers are reused for
+            this one. They are *donated*: ``out`` must not be used afterwards (its arrays
+            are deleted, as with any donated JAX buffer). Filtering many batches in a loop
+            with ``res = filter_beliefs(p, toks, out=res)`` writes into memory that is
+            already mapped, which on CPU is several times faster than fresh output
+            buffers. Inside ``jit`` the donation is up to the enclosing computation.
 
     Returns:
         :class:`FilterResult` with ``beliefs`` ``(*batch, L, d)`` and ``log_normalizers``
@@ -212,32 +336,58 @@ def filter_beliefs(
         zero-probability sequences.
 
     Raises:
-        ValueError: tokens that are not integers, or (at run time, through
-            ``eqx.error_if``) tokens outside the alphabet.
+        ValueError: tokens that are not integers, an ``out`` of the wrong shape or dtype,
+            or (at run time, through ``eqx.error_if``) tokens outside the alphabet.
 
     >>> import sfpjax, jax.numpy as jnp
     >>> p = sfpjax.mess3(0.15, 0.6)
-    >>> out = sfpjax.filter_beliefs(p, jnp.array([[0, 1, 2, 2]]))
-    >>> out.beliefs.shape, out.log_prob.shape
+    >>> toks = jnp.array([[0, 1, 2, 2]])
+    >>> res = sfpjax.filter_beliefs(p, toks)
+    >>> res.beliefs.shape, res.log_prob.shape
     ((1, 4, 3), (1,))
+    >>> res = sfpjax.filter_beliefs(p, toks, out=res)  # reuses (and invalidates) the old buffers
     """
     _check_process(process)
-    tokens = _check_tokens(process, tokens)
+    tokens = jnp.asarray(tokens)
+    _check_token_shape(tokens)
     batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
     d = process.num_states
-    flat = tokens.reshape(-1, L).astype(jnp.int32)
-    B = flat.shape[0]
-    if initial is None:
-        eta0 = jnp.broadcast_to(process.eta0[:, None], (d, B))
-    else:
+    if initial is not None:
         initial = jnp.asarray(initial, process.dtype)
-        if initial.shape[-1] != d:
+        if initial.shape[-1:] != (d,):
             raise ValueError(f"initial must end in the state dimension {d}, got shape {initial.shape}.")
-        eta0 = jnp.broadcast_to(initial, batch_shape + (d,)).reshape(B, d).T
-    beliefs, norms = _filter_time_major(process, flat.T, eta0)
-    beliefs = jnp.transpose(beliefs, (2, 0, 1)).reshape(batch_shape + (L, d))
-    lognorm = _log_normalizers(norms).reshape(batch_shape + (L,))
-    return FilterResult(beliefs, lognorm)
+        try:
+            jnp.broadcast_shapes(initial.shape[:-1], batch_shape)
+        except ValueError:
+            raise ValueError(
+                f"initial of shape {initial.shape} does not broadcast against the token batch "
+                f"shape {batch_shape}; give one (d,) vector or one per sequence (*batch, d)."
+            ) from None
+    if out is None:
+        return _filter_fresh(process, tokens, initial, None)
+    _check_out(out, batch_shape + (L, d), batch_shape + (L,), process.dtype)
+    return _filter_donated(process, tokens, initial, out)
+
+
+def _check_token_shape(tokens: Array) -> None:
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array, got dtype {tokens.dtype}.")
+    if tokens.ndim < 1:
+        raise ValueError("tokens must have at least one axis (the sequence axis), got a scalar.")
+    if tokens.shape[-1] < 1:
+        raise ValueError("tokens must contain at least one token per sequence (got length 0).")
+
+
+def _check_out(out, beliefs_shape, lognorm_shape, dtype) -> None:
+    if not isinstance(out, FilterResult):
+        raise ValueError(f"out must be a FilterResult from a previous filter_beliefs call, got {type(out).__name__}.")
+    for name, arr, shape in (("beliefs", out.beliefs, beliefs_shape), ("log_normalizers", out.log_normalizers, lognorm_shape)):
+        if tuple(arr.shape) != tuple(shape) or arr.dtype != dtype:
+            raise ValueError(
+                f"out.{name} must have shape {tuple(shape)} and dtype {jnp.dtype(dtype).name} to be reused for "
+                f"these tokens and this process, got shape {tuple(arr.shape)} and dtype {arr.dtype}. "
+                "Pass out=None for a fresh result."
+            )
 
 
 def beliefs_with_initial(process: GHMM, result: FilterResult) -> Float[Array, "*batch Lp1 d"]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._ghmm import GHMM, _default_atol, _is_traced
+from ._ghmm import GHMM, _default_atol, _is_traced, _with_factors
 from ._structure import _partition_labels, joint_sector_labels
 from ._zoo import _check_range, partitioned_z1r
 
@@ -84,7 +84,8 @@ def product(*factors: GHMM) -> GHMM:
         T = _kron_transfer(T, f.T)
         eta0 = jnp.kron(eta0, f.eta0)
         right = jnp.kron(right, f.right)
-    return GHMM(T, eta0, right, dtype=dtype)
+    # Keeping the factors lets filter_beliefs track one small belief per factor.
+    return _with_factors(GHMM(T, eta0, right, dtype=dtype), tuple(f.astype(dtype) for f in factors))
 
 
 def _check_vocab_sizes(vocab_sizes) -> tuple[int, ...]:

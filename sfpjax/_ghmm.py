@@ -88,6 +88,9 @@ class GHMM(eqx.Module):
         T: transfer matrices, shape ``(V, d, d)``; ``T[x, i, j]`` is ``T(x)_{ij}``.
         eta0: the initial row vector ``<<eta(0)|``, shape ``(d,)``, ``<<eta(0)|1>> = 1``.
         right: the right eigenvector ``|1>>`` of ``sum_x T(x)`` with eigenvalue 1.
+        factors: for a process built by ``sfpjax.product``, the factor processes (whose
+            Kronecker product this process is, ``eta0`` included); ``None`` otherwise.
+            ``filter_beliefs`` uses them to track one belief per factor.
 
     Args:
         T: transfer matrices (NumPy or JAX array), shape ``(V, d, d)``.
@@ -115,6 +118,7 @@ class GHMM(eqx.Module):
     T: Float[Array, "V d d"]
     eta0: Float[Array, " d"]
     right: Float[Array, " d"]
+    factors: tuple["GHMM", ...] | None
 
     def __init__(
         self,
@@ -145,6 +149,7 @@ class GHMM(eqx.Module):
                 right = _right_eigenvector(T)
             eta0 = stationary_state(T, right)
         self.T, self.eta0, self.right = T, eta0, right
+        self.factors = None
         if validate and not _is_traced(T, eta0, right):
             validate_ghmm(self, hmm=hmm, atol=atol)
 
@@ -169,8 +174,11 @@ class GHMM(eqx.Module):
 
     def astype(self, dtype) -> "GHMM":
         """The same process with all arrays cast to ``dtype`` (no re-validation)."""
-        return GHMM(self.T.astype(dtype), self.eta0.astype(dtype), self.right.astype(dtype),
-                    dtype=dtype, validate=False)
+        new = GHMM(self.T.astype(dtype), self.eta0.astype(dtype), self.right.astype(dtype),
+                   dtype=dtype, validate=False)
+        if self.factors is None:
+            return new
+        return _with_factors(new, tuple(f.astype(dtype) for f in self.factors))
 
     def with_initial(self, eta0: ArrayLike) -> "GHMM":
         """The same dynamics started from the row vector ``eta0`` (validated when concrete)."""
@@ -182,7 +190,38 @@ class GHMM(eqx.Module):
         new = eqx.tree_at(lambda p: p.eta0, self, eta0)
         if not _is_traced(eta0, self.T):
             validate_ghmm(new)
+        if new.factors is not None:
+            new = _with_factors(new, _product_initial(eta0, new.factors))
         return new
+
+
+def _with_factors(process: GHMM, factors: tuple[GHMM, ...] | None) -> GHMM:
+    return eqx.tree_at(lambda p: p.factors, process, factors, is_leaf=lambda x: x is None)
+
+
+def _product_initial(eta0: Array, factors: tuple[GHMM, ...]) -> tuple[GHMM, ...] | None:
+    """The factors restarted from the marginals of ``eta0`` if it is a product state, else None.
+
+    Only decidable on concrete arrays; a traced ``eta0`` drops the factor structure, which
+    costs speed in ``filter_beliefs``, never correctness.
+    """
+    if _is_traced(eta0, *(f.T for f in factors)):
+        return None
+    dims = [f.num_states for f in factors]
+    joint = np.asarray(eta0, np.float64).reshape(dims)
+    rights = [np.asarray(f.right, np.float64) for f in factors]
+    marginals = []
+    for k in range(len(factors)):
+        m = np.moveaxis(joint, k, 0)
+        for r in rights[:k] + rights[k + 1:]:
+            m = np.tensordot(m, r, axes=([1], [0]))
+        marginals.append(m)
+    rebuilt = marginals[0]
+    for m in marginals[1:]:
+        rebuilt = np.kron(rebuilt, m)
+    if not np.allclose(rebuilt, np.asarray(eta0, np.float64), atol=_default_atol(eta0.dtype), rtol=0):
+        return None
+    return tuple(f.with_initial(jnp.asarray(m, f.dtype)) for f, m in zip(factors, marginals))
 
 
 def _check_shapes(T, eta0, right) -> None:

@@ -159,3 +159,114 @@ def test_filter_does_not_retrace():
     f = eqx.filter_jit(f)
     for seed in range(3):
         f(jnp.asarray(np.random.default_rng(seed).integers(0, 2, (4, 8)), jnp.int32))
+
+
+def _factor(rng, kind):
+    if kind == "hmm":
+        return sfpjax.GHMM(random_hmm(rng, 2, 3, sparsity=0.4), hmm=True, dtype=jnp.float64)
+    if kind == "ghmm":
+        T, eta0, right = random_ghmm(rng, 3, 2)
+        return sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    return sfpjax.GHMM(_z1r(), hmm=True, dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("kinds", [("hmm", "z1r"), ("ghmm", "hmm"), ("z1r", "ghmm", "hmm")])
+def test_factored_path_matches_joint_path(kinds):
+    rng = np.random.default_rng(len(kinds))
+    factors = [_factor(rng, k) for k in kinds]
+    prod = sfpjax.product(*factors)
+    assert prod.factors is not None and len(prod.factors) == len(kinds)
+    joint = sfpjax.GHMM(prod.T, prod.eta0, prod.right, dtype=jnp.float64)
+    assert joint.factors is None
+    # 75 steps: two full time blocks and a remainder; random tokens hit impossible words
+    toks = jnp.asarray(rng.integers(0, prod.vocab_size, (6, 75)), jnp.int32)
+    toks = toks.at[0].set(sfpjax.sample(prod, key=jr.key(1), batch_size=1, seq_len=75)[0])
+    fac = sfpjax.filter_beliefs(prod, toks)
+    ref = sfpjax.filter_beliefs(joint, toks)
+    np.testing.assert_allclose(fac.beliefs, ref.beliefs, atol=1e-9)
+    np.testing.assert_array_equal(np.isneginf(fac.log_normalizers), np.isneginf(ref.log_normalizers))
+    finite = np.isfinite(ref.log_normalizers)
+    np.testing.assert_allclose(fac.log_normalizers[finite], ref.log_normalizers[finite], atol=1e-9)
+    assert bool(fac.is_possible[0])
+    if "z1r" in kinds:
+        assert not bool(fac.is_possible.all())  # some impossible sequences were exercised
+    assert bool(jnp.isfinite(fac.beliefs).all())
+
+
+def test_factored_path_follows_the_initial_belief():
+    rng = np.random.default_rng(7)
+    a, b = _factor(rng, "hmm"), _factor(rng, "z1r")
+    prod = sfpjax.product(a, b)
+    joint = sfpjax.GHMM(prod.T, prod.eta0, prod.right, dtype=jnp.float64)
+    toks = jnp.asarray(rng.integers(0, prod.vocab_size, (3, 40)), jnp.int32)
+    # A correlated (non-product) start: the factors are dropped, the joint path runs.
+    eta = np.zeros(9)
+    eta[0] = eta[4] = 0.5
+    entangled = prod.with_initial(eta)
+    assert entangled.factors is None
+    np.testing.assert_allclose(sfpjax.filter_beliefs(entangled, toks).beliefs,
+                               sfpjax.filter_beliefs(joint.with_initial(eta), toks).beliefs, atol=1e-12)
+    # An explicit non-product `initial` falls back to the joint update.
+    out = sfpjax.filter_beliefs(prod, toks, initial=jnp.asarray(eta))
+    np.testing.assert_allclose(out.beliefs, sfpjax.filter_beliefs(joint, toks, initial=jnp.asarray(eta)).beliefs,
+                               atol=1e-12)
+    # A product start keeps the factors, restarted from the marginals.
+    start = np.kron([0.2, 0.3, 0.5], [1.0, 0.0, 0.0])
+    moved = prod.with_initial(start)
+    assert moved.factors is not None
+    np.testing.assert_allclose(moved.factors[0].eta0, [0.2, 0.3, 0.5], atol=1e-12)
+    np.testing.assert_allclose(sfpjax.filter_beliefs(moved, toks).beliefs,
+                               sfpjax.filter_beliefs(joint.with_initial(start), toks).beliefs, atol=1e-12)
+    assert prod.astype(jnp.float32).factors[1].dtype == jnp.float32
+
+
+def test_vmap_over_stacked_product_processes():
+    rng = np.random.default_rng(8)
+    Ta = jnp.asarray(np.stack([random_hmm(rng, 2, 2) for _ in range(3)]))
+    Tb = jnp.asarray(np.stack([random_hmm(rng, 3, 2) for _ in range(3)]))
+    make = lambda ta, tb: sfpjax.product(sfpjax.GHMM(ta, right=jnp.ones(2)), sfpjax.GHMM(tb, right=jnp.ones(2)))
+    procs = jax.vmap(make)(Ta, Tb)
+    assert procs.factors[0].T.shape == (3, 2, 2, 2)
+    toks = jnp.asarray(rng.integers(0, 6, (3, 4, 37)), jnp.int32)
+    out = jax.vmap(sfpjax.filter_beliefs)(procs, toks)
+    for k in range(3):
+        p = make(Ta[k], Tb[k])
+        ref = sfpjax.filter_beliefs(sfpjax.GHMM(p.T, p.eta0, p.right), toks[k])
+        np.testing.assert_allclose(out.beliefs[k], ref.beliefs, atol=1e-5)
+        np.testing.assert_allclose(out.log_normalizers[k], ref.log_normalizers, atol=1e-5)
+
+
+@pytest.mark.parametrize("L", [5, 32, 70])
+def test_reused_output_buffers(L):
+    rng = np.random.default_rng(9)
+    p = sfpjax.product(sfpjax.mess3(), sfpjax.z1r())
+    toks = [jnp.asarray(rng.integers(0, p.vocab_size, (2, 3, L)), jnp.int32) for _ in range(3)]
+    res = sfpjax.filter_beliefs(p, toks[0])
+    for t in toks[1:]:
+        old = res
+        res = sfpjax.filter_beliefs(p, t, out=old)
+        assert old.beliefs.is_deleted()  # donated: the old result is no longer usable
+        fresh = sfpjax.filter_beliefs(p, t)
+        np.testing.assert_array_equal(res.beliefs, fresh.beliefs)
+        np.testing.assert_array_equal(res.log_normalizers, fresh.log_normalizers)
+    # the joint path and an explicit initial reuse buffers as well
+    q = sfpjax.mess3()
+    res = sfpjax.filter_beliefs(q, toks[0] % 3)
+    res = sfpjax.filter_beliefs(q, toks[1] % 3, initial=jnp.array([1.0, 0.0, 0.0]), out=res)
+    ref = sfpjax.filter_beliefs(q, toks[1] % 3, initial=jnp.array([1.0, 0.0, 0.0]))
+    np.testing.assert_array_equal(res.beliefs, ref.beliefs)
+
+
+def test_bad_output_buffers_rejected():
+    p = sfpjax.mess3()
+    toks = jnp.zeros((4, 10), jnp.int32)
+    res = sfpjax.filter_beliefs(p, toks)
+    with pytest.raises(ValueError, match=r"out.beliefs must have shape \(4, 11, 3\)"):
+        sfpjax.filter_beliefs(p, jnp.zeros((4, 11), jnp.int32), out=res)
+    with pytest.raises(ValueError, match=r"dtype float64"):
+        sfpjax.filter_beliefs(p.astype(jnp.float64), toks, out=res)
+    with pytest.raises((ValueError, TypeError), match=r"FilterResult"):
+        sfpjax.filter_beliefs(p, toks, out=(res.beliefs, res.log_normalizers))
+    # Without runtime type checking our own ValueError fires; with it, jaxtyping's.
+    with pytest.raises((ValueError, TypeError), match=r"does not broadcast|\*#batch d"):
+        sfpjax.filter_beliefs(p, toks, initial=jnp.ones((3, 3)) / 3)
