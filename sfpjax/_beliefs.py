@@ -76,8 +76,7 @@ def _check_process(process: GHMM) -> None:
         )
 
 
-def _check_tokens(process: GHMM, tokens) -> Array:
-    V = process.vocab_size
+def _check_tokens(V: int, tokens) -> Array:
     out_of_range = jnp.any((tokens < 0) | (tokens >= V))
     return eqx.error_if(
         tokens,
@@ -227,13 +226,15 @@ def _kron_rows(blocks: list[Array]) -> Array:
     return out
 
 
-# Time steps per block: the block's beliefs (Lb, d, B) are transposed to the output layout
-# while they are still in cache, and the big output is only ever written in place.
+# Time steps per block and sequences per chunk: a block's beliefs (Lb, d, Bc) stay in cache
+# while they are transposed to the output layout, and the big output is only ever written in
+# place. Measured on a 2-core CPU with 2 MB of L2 per core.
 _BLOCK = 32
+_CHUNK = 512
 
 
 def _filter_into(
-    step, etas: tuple[Array, ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array
+    step, etas: tuple[Array, ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array, V: int
 ) -> tuple[Array, Array]:
     """Run ``step`` over all ``L`` tokens, writing ``(B, L, d)`` beliefs and ``(B, L)`` logs.
 
@@ -248,27 +249,37 @@ def _filter_into(
         new, norm = step(etas, x)
         return new, (new, norm)
 
-    def block(t0, n, etas, beliefs, lognorm):
-        tok = jax.lax.dynamic_slice(tokens, (0, t0), (B, n)).T
-        etas, (stack, norms) = jax.lax.scan(scan_step, etas, tok)
-        rows = _kron_rows(list(stack)).reshape(n * d, B)
-        pos = norms > 0
-        logs = jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
-        beliefs = jax.lax.dynamic_update_slice(beliefs, rows.T.reshape(B, n, d), (0, t0, 0))
-        lognorm = jax.lax.dynamic_update_slice(lognorm, logs.T, (0, t0))
-        return etas, beliefs, lognorm
+    def chunk(b0, nb, beliefs, lognorm):
+        def block(t0, n, etas, beliefs, lognorm):
+            # Checked block by block while in cache: a separate pass would read all tokens again.
+            tok = _check_tokens(V, jax.lax.dynamic_slice(tokens, (b0, t0), (nb, n))).T
+            etas, (stack, norms) = jax.lax.scan(scan_step, etas, tok)
+            rows = _kron_rows(list(stack)).reshape(n * d, nb)
+            pos = norms > 0
+            logs = jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
+            beliefs = jax.lax.dynamic_update_slice(beliefs, rows.T.reshape(nb, n, d), (b0, t0, 0))
+            lognorm = jax.lax.dynamic_update_slice(lognorm, logs.T, (b0, t0))
+            return etas, beliefs, lognorm
 
-    nblocks, rest = divmod(L, _BLOCK)
-    carry = (etas, beliefs, lognorm)
-    if nblocks:
-        carry = jax.lax.fori_loop(0, nblocks, lambda i, c: block(i * _BLOCK, _BLOCK, *c), carry)
+        start = tuple(jax.lax.dynamic_slice_in_dim(e, b0, nb, axis=1) for e in etas)
+        nblocks, rest = divmod(L, _BLOCK)
+        carry = (start, beliefs, lognorm)
+        if nblocks:
+            carry = jax.lax.fori_loop(0, nblocks, lambda i, c: block(i * _BLOCK, _BLOCK, *c), carry)
+        if rest:
+            carry = block(nblocks * _BLOCK, rest, *carry)
+        return carry[1], carry[2]
+
+    nchunks, rest = divmod(B, _CHUNK)
+    out = (beliefs, lognorm)
+    if nchunks:
+        out = jax.lax.fori_loop(0, nchunks, lambda i, c: chunk(i * _CHUNK, _CHUNK, *c), out)
     if rest:
-        carry = block(nblocks * _BLOCK, rest, *carry)
-    return carry[1], carry[2]
+        out = chunk(nchunks * _CHUNK, rest, *out)
+    return out
 
 
 def _filter_impl(process, tokens, initial, out):
-    tokens = _check_tokens(process, tokens)
     batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
     d = process.num_states
     flat = tokens.reshape(-1, L).astype(jnp.int32)
@@ -290,7 +301,7 @@ def _filter_impl(process, tokens, initial, out):
     else:
         beliefs = out.beliefs.reshape(B, L, d)
         lognorm = out.log_normalizers.reshape(B, L)
-    beliefs, lognorm = _filter_into(step, etas, flat, beliefs, lognorm)
+    beliefs, lognorm = _filter_into(step, etas, flat, beliefs, lognorm, process.vocab_size)
     return FilterResult(beliefs.reshape(batch_shape + (L, d)), lognorm.reshape(batch_shape + (L,)))
 
 

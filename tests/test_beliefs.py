@@ -270,3 +270,19 @@ def test_bad_output_buffers_rejected():
     # Without runtime type checking our own ValueError fires; with it, jaxtyping's.
     with pytest.raises((ValueError, TypeError), match=r"does not broadcast|\*#batch d"):
         sfpjax.filter_beliefs(p, toks, initial=jnp.ones((3, 3)) / 3)
+
+
+def test_many_sequences_match_a_numpy_loop():
+    # More sequences than one batch chunk, and a length that is not a whole number of blocks.
+    rng = np.random.default_rng(10)
+    T, eta0, right = random_ghmm(rng, 3, 3)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    toks = np.asarray(sfpjax.sample(p, key=jr.key(2), batch_size=1100, seq_len=45))
+    out = sfpjax.filter_beliefs(p, jnp.asarray(toks))
+    eta = np.broadcast_to(eta0, (1100, 3))
+    for t in range(45):
+        unnorm = np.einsum("bi,bij->bj", eta, T[toks[:, t]])
+        norm = unnorm @ right
+        eta = unnorm / norm[:, None]
+        np.testing.assert_allclose(out.beliefs[:, t], eta, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(out.log_normalizers[:, t], np.log(norm), rtol=1e-8, atol=1e-10)
