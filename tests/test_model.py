@@ -406,3 +406,26 @@ def test_explicit_d_head_and_config_is_static(getkey):
     with pytest.raises((ValueError, TypeError), match="config"):
         Transformer(dict(TINY), key=getkey())
     assert sfpjax.TransformerConfig is TransformerConfig
+
+
+def test_batched_equals_vmap_with_sites_and_interventions(getkey):
+    model = _model(getkey, use_bos=True)
+    tokens = jr.randint(getkey(), (3, 5), 0, 3, dtype=jnp.int32)
+    vector = jr.normal(getkey(), (8,), jnp.float32)
+    mask = jnp.array([True, False, True, True, False, False])
+    ivs = {
+        LAST_RESID: Intervention(_add_scaled, (vector, jnp.float32(2.0)), position_mask=mask),
+        "hook_pos_embed": Intervention(_add_scaled, (vector, jnp.float32(-1.0))),
+    }
+    names = ("hook_pos_embed", "blocks.0.attn.hook_pattern", LAST_RESID)
+    logits, acts = model.batched(tokens, sites=names, interventions=ivs)
+    v_logits, v_acts = jax.vmap(lambda t: model(t, sites=names, interventions=ivs))(tokens)
+    np.testing.assert_allclose(logits, v_logits, rtol=1e-5, atol=1e-6)
+    assert logits.shape == (3, 6, 3)
+    for name in names:
+        assert acts[name].shape == v_acts[name].shape
+        np.testing.assert_allclose(acts[name], v_acts[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises((ValueError, TypeError), match="tokens"):
+        model.batched(tokens[0])
+    with pytest.raises(ValueError, match=r"length 1 .. n_ctx=6 \(0 allowed with BOS\), got 7"):
+        model.batched(jnp.zeros((2, 7), jnp.int32))
