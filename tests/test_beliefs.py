@@ -244,8 +244,11 @@ def test_reused_output_buffers(L):
     res = sfpjax.filter_beliefs(p, toks[0])
     for t in toks[1:]:
         old = res
+        ptrs = (old.beliefs.unsafe_buffer_pointer(), old.log_normalizers.unsafe_buffer_pointer())
         res = sfpjax.filter_beliefs(p, t, out=old)
         assert old.beliefs.is_deleted()  # donated: the old result is no longer usable
+        # written in place: the new result lives in the old buffers
+        assert (res.beliefs.unsafe_buffer_pointer(), res.log_normalizers.unsafe_buffer_pointer()) == ptrs
         fresh = sfpjax.filter_beliefs(p, t)
         np.testing.assert_array_equal(res.beliefs, fresh.beliefs)
         np.testing.assert_array_equal(res.log_normalizers, fresh.log_normalizers)
