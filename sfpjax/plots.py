@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +137,8 @@ def plot_belief_simplex(
 
 
 def plot_loss_curve(
-    steps: Real[ArrayLike, " n"],
-    losses: Float[ArrayLike, " _n"],
+    steps: Real[ArrayLike, " n"] | Sequence[float | int],
+    losses: Float[ArrayLike, " _n"] | Sequence[float | int],
     floor: float | None,
     path: str | os.PathLike,
     *,
@@ -188,8 +188,8 @@ def plot_loss_curve(
 
 
 def plot_lines(
-    x: Real[ArrayLike, " n"],
-    ys: Mapping[str, Float[ArrayLike, " _n"]],
+    x: Real[ArrayLike, " n"] | Sequence[float | int],
+    ys: Mapping[str, Float[ArrayLike, " _n"] | Sequence[float | int]],
     path: str | os.PathLike,
     xlabel: str,
     ylabel: str,
