@@ -20,7 +20,9 @@ Steering vectors (seed 001, appendix A; seed 000, section 1):
   per-label means for behavioural contrasts (``label_means``).
 * Belief-state steering through a joint probe ``L(x) = x W + b`` (``belief_state_delta``):
   factorize the predicted belief into its marginals, change one marginal, rebuild the
-  product, and map the change back with the least-squares inverse ``W^+``.
+  product, and map the change back to the residual stream, either with the probe's
+  minimum-norm inverse ``W^+`` or with a generative map ``x ~ <<eta| A + c`` fitted from
+  beliefs to activations (``decoder``).
 """
 
 from __future__ import annotations
@@ -497,6 +499,8 @@ def belief_state_delta(
     factor_dims: Sequence[int],
     factor: int,
     target: Float[ArrayLike, " d_f"],
+    *,
+    decoder: LinearProbe | None = None,
 ) -> Float[Array, "*batch d_act"]:
     """Belief-state steering through a joint probe (seed 000, section 1, steps 1-5).
 
@@ -508,8 +512,21 @@ def belief_state_delta(
     3. replace factor ``f``'s marginal by ``target``, keeping the others:
        ``eta' = (x)_g eta'_g`` with ``eta'_f = target``;
     4. ``delta_eta = eta' - (x)_g eta_hat_g`` (the change of the factorized form), mapped
-       back to the residual stream by the least-squares inverse
-       ``delta_x = delta_eta W^+`` (``probe_inverse``);
+       back to the residual stream (the inverse problem of the probe's map):
+
+       * without ``decoder``: the probe's minimum-norm inverse ``delta_x = delta_eta W^+``
+         (``probe_inverse``), the smallest activation change that moves the probe's
+         reading by ``delta_eta``;
+       * with ``decoder``, the affine map ``D(eta) = <<eta| A + c`` from beliefs to
+         activations (fit it with ``fit_probe(joint_beliefs, acts)``):
+         ``delta_x = delta_eta A``, the change of the mean activation of contexts with
+         belief ``eta'`` rather than ``(x)_g eta_hat_g``.
+
+       The two differ when the activations carry directions the probe does not need:
+       ``W^+`` lies in the span of ``W``, which for a least-squares probe leans towards
+       low-variance directions (the large-gain ones), and the rest of the network may
+       ignore those; ``A`` follows the directions along which the activations actually
+       vary with the belief.
     5. steer with ``x -> x + scale * delta_x`` (e.g. ``steering_sweep`` with one vector
        per sequence).
 
@@ -521,6 +538,9 @@ def belief_state_delta(
         factor_dims: factor dimensions (factor 0 most significant).
         factor: the factor to steer.
         target: the factor's target marginal belief ``(d_f,)``.
+        decoder: optional generative map from joint beliefs to activations (a
+            ``LinearProbe`` with ``d_act = prod(factor_dims)`` inputs and the site's width
+            as outputs); ``None`` uses the probe's pseudo-inverse.
 
     Returns:
         ``delta_x`` of shape ``(*batch, d_act)``.
@@ -530,6 +550,9 @@ def belief_state_delta(
     >>> x = jnp.kron(jnp.array([1.0, 0.0]), jnp.array([0.5, 0.5]))
     >>> sfpjax.belief_state_delta(probe, x, (2, 2), 0, jnp.array([0.0, 1.0])).round(3)
     Array([-0.5, -0.5,  0.5,  0.5], dtype=float32)
+    >>> decoder = sfpjax.LinearProbe(2 * jnp.eye(4), jnp.zeros(4))  # activations are 2 * beliefs
+    >>> sfpjax.belief_state_delta(probe, x, (2, 2), 0, jnp.array([0.0, 1.0]), decoder=decoder).round(3)
+    Array([-1., -1.,  1.,  1.], dtype=float32)
     """
     dims = [int(d) for d in factor_dims]
     if probe.d_target != int(np.prod(dims)):
@@ -542,12 +565,19 @@ def belief_state_delta(
     target = jnp.asarray(target, probe.W.dtype)
     if target.shape != (dims[factor],):
         raise ValueError(f"target must have shape ({dims[factor]},) (factor {factor}'s belief), got {target.shape}.")
+    if decoder is not None and (decoder.d_act != probe.d_target or decoder.d_target != probe.d_act):
+        raise ValueError(
+            f"decoder must map joint beliefs ({probe.d_target} numbers) to activations ({probe.d_act} numbers), "
+            f"got a map from {decoder.d_act} to {decoder.d_target}; fit it with fit_probe(joint_beliefs, acts)."
+        )
     eta_hat = probe(acts)
     marg = factor_marginals(eta_hat, dims)
     new = list(marg)
     new[factor] = jnp.broadcast_to(target, marg[factor].shape)
     delta = _kron(new) - _kron(marg)
-    return probe_inverse(probe, delta)
+    if decoder is None:
+        return probe_inverse(probe, delta)
+    return delta.astype(decoder.W.dtype) @ decoder.W
 
 
 def _kron(vs):

@@ -265,3 +265,30 @@ def test_belief_state_delta_changes_one_marginal_through_the_probe():
         sfpjax.belief_state_delta(probe, jnp.asarray(acts[:5]), (3, 2), 0, target)
     with pytest.raises(ValueError, match="target must have shape"):
         sfpjax.belief_state_delta(probe, jnp.asarray(acts[:5]), (3, 3), 0, jnp.ones(2))
+
+
+def test_belief_state_delta_with_a_generative_decoder():
+    rng = np.random.default_rng(2)
+    a = rng.dirichlet(np.ones(3), 300)
+    b = rng.dirichlet(np.ones(3), 300)
+    joint = (a[:, :, None] * b[:, None, :]).reshape(300, 9)
+    A = rng.normal(size=(9, 20))
+    acts = joint @ A + rng.normal(size=20)
+    probe = sfpjax.fit_probe(jnp.asarray(acts), jnp.asarray(joint))
+    decoder = sfpjax.fit_probe(jnp.asarray(joint), jnp.asarray(acts))
+    target = jnp.array([0.0, 0.0, 1.0])
+    x = jnp.asarray(acts[:6])
+    dx = sfpjax.belief_state_delta(probe, x, (3, 3), 1, target, decoder=decoder)
+    # The activations are affine in the belief, so the decoder's change is the exact change of
+    # the mean activation: (eta' - eta) A with eta' = a (x) target.
+    moved = (a[:6, :, None] * np.asarray(target)[None, None, :]).reshape(6, 9)
+    np.testing.assert_allclose(dx, (moved - joint[:6]) @ A, atol=2e-3)
+    m0, m1 = sfpjax.factor_marginals(probe(x + dx), (3, 3))
+    np.testing.assert_allclose(m0, a[:6], atol=1e-4)
+    np.testing.assert_allclose(m1, np.broadcast_to(target, (6, 3)), atol=1e-4)
+    # The pseudo-inverse reaches the same probe reading with the smallest possible change.
+    dx_pinv = sfpjax.belief_state_delta(probe, x, (3, 3), 1, target)
+    np.testing.assert_allclose(probe(x + dx_pinv), probe(x + dx), atol=1e-4)
+    assert np.all(np.linalg.norm(dx_pinv, axis=-1) <= np.linalg.norm(dx, axis=-1) + 1e-5)
+    with pytest.raises(ValueError, match="decoder must map joint beliefs"):
+        sfpjax.belief_state_delta(probe, x, (3, 3), 1, target, decoder=probe)
