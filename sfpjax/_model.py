@@ -42,6 +42,7 @@ __all__ = ["Transformer", "TransformerConfig"]
 
 _ACTS = ("gelu", "relu")
 _LN_EPS = 1e-5
+_ONE_HOT_MAX_VOCAB = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +381,14 @@ class Transformer(eqx.Module):
         def unflat(x):
             return x.reshape(batch, seq, x.shape[-1])
 
-        embed = site("hook_embed", jnp.take(self.W_E, tokens, axis=0))
+        if cfg.n_tokens <= _ONE_HOT_MAX_VOCAB:
+            # The gradient of a gather is a scatter-add, slow on CPU; for a small alphabet
+            # a one-hot product gives the same rows (exactly) and a matmul as gradient.
+            one_hot = jax.nn.one_hot(tokens.reshape(rows), cfg.n_tokens, dtype=jnp.float32)
+            embed = unflat(one_hot @ self.W_E)
+        else:
+            embed = jnp.take(self.W_E, tokens, axis=0)
+        embed = site("hook_embed", embed)
         pos_embed = jnp.broadcast_to(self.W_pos[None, :seq], (batch, seq, d))
         pos_embed = site("hook_pos_embed", pos_embed)
         resid = flat(embed + pos_embed)

@@ -429,3 +429,10 @@ def test_batched_equals_vmap_with_sites_and_interventions(getkey):
         model.batched(tokens[0])
     with pytest.raises(ValueError, match=r"length 1 .. n_ctx=6 \(0 allowed with BOS\), got 7"):
         model.batched(jnp.zeros((2, 7), jnp.int32))
+
+
+def test_large_vocabulary_embedding_path_matches_reference(getkey):
+    # Above 256 symbols the embedding is a gather instead of a one-hot product.
+    model = _model(getkey, vocab_size=300)
+    tokens = jr.randint(getkey(), (5,), 0, 300, dtype=jnp.int32)
+    np.testing.assert_allclose(model(tokens), _numpy_forward(model, tokens), rtol=1e-4, atol=1e-5)
