@@ -15,7 +15,18 @@ synchronized marginal beliefs (S0, S1, SR) with three methods:
 * diff-means: the behavioural difference in means sum_y (Pr(y|t) - Pr(y|s)) mu_y, where
   mu_y is the mean activation of contexts whose next factor-f sub-symbol was y (labels only,
   no beliefs); for binary symbols (Pr_t(1) - Pr_s(1)) (mu_1 - mu_0);
-* belief-state: through the joint probe's least-squares inverse (seed 000 steps 1-5).
+* belief-pinv: belief-state steering (seed 000 steps 1-5) through the joint probe's
+  minimum-norm inverse ``W^+``;
+* belief-generative: the same belief change mapped back by the generative map
+  ``x ~ <<eta| A + c`` regressed from joint beliefs to activations (the inverse problem of
+  the belief-to-activation map, ``delta_x = delta_eta A``).
+
+The report also says how factored the representation at the steering site is: the
+held-out R^2 of the direct-sum fit ``x ~ sum_f <<eta_f| A_f + c`` (per-factor marginals;
+a factored representation in the sense of Shai et al. 2026) against the joint fit
+``x ~ <<eta| A + c``. When the joint fit is much better the class centroids interact:
+``c_t - c_s`` averaged over the other factor is not the change of any single context,
+and centroid steering spills over into the other factor.
 
 Writes config.json, results.json, report.md and plots into --out.
 """
@@ -38,7 +49,7 @@ import sfpjax.plots  # noqa: E402
 from _cli import config_json, parse_config  # noqa: E402
 
 SITE = "blocks.1.hook_resid_post"
-METHODS = ("centroid", "diff-means", "belief-state")
+METHODS = ("centroid", "diff-means", "belief-pinv", "belief-generative")
 NAMES = ("S0", "S1", "SR")
 
 SEED_TABLE1 = {  # scale: (target, steered factor, unsteered factor)
@@ -135,8 +146,12 @@ def run_regime(regime: str, config: Config, key):
 
     factor_probes = sfpjax.fit_factor_probes(fit["acts"], fit["beliefs"], dims)
     joint_probe = sfpjax.fit_probe(fit["acts"], fit["beliefs"], ridge=config.probe_ridge)
+    decoder = sfpjax.fit_probe(fit["beliefs"], fit["acts"])
     r2 = {f"factor{f}": float(sfpjax.probe_r2(p, evl["acts"], evl["marg"][f])) for f, p in enumerate(factor_probes)}
     r2["joint"] = float(sfpjax.probe_r2(joint_probe, evl["acts"], evl["beliefs"]))
+    direct_sum = sfpjax.fit_probe(np.concatenate(fit["marg"], -1), fit["acts"])
+    additivity = {"direct_sum": float(sfpjax.probe_r2(direct_sum, np.concatenate(evl["marg"], -1), evl["acts"])),
+                  "joint": float(sfpjax.probe_r2(decoder, evl["beliefs"], evl["acts"]))}
 
     scales = jnp.asarray(config.scales, jnp.float32)
     pairs = []
@@ -162,8 +177,10 @@ def run_regime(regime: str, config: Config, key):
                 vectors = {
                     "centroid": np.broadcast_to(sfpjax.centroid_vector(fc, bs, bt), (n_eval, config.d_model)),
                     "diff-means": np.broadcast_to((p_t - p_s) @ mu, (n_eval, config.d_model)),
-                    "belief-state": sfpjax.belief_state_delta(joint_probe, jnp.asarray(evl["acts"], jnp.float32), dims, f,
-                                                              jnp.asarray(bt, jnp.float32)),
+                    "belief-pinv": sfpjax.belief_state_delta(joint_probe, jnp.asarray(evl["acts"], jnp.float32), dims, f,
+                                                             jnp.asarray(bt, jnp.float32)),
+                    "belief-generative": sfpjax.belief_state_delta(joint_probe, jnp.asarray(evl["acts"], jnp.float32), dims,
+                                                                   f, jnp.asarray(bt, jnp.float32), decoder=decoder),
                 }
                 token_classes, block = None, None
                 if sectors is not None:
@@ -189,7 +206,8 @@ def run_regime(regime: str, config: Config, key):
                 pairs.append(row)
     summary = summarize(pairs, config)
     return dict(regime=regime, train_seconds=train_s, excess_loss_pct=float(ev.excess_pct),
-                excess_last_pct=float(ev.excess_last_pct), probe_r2=r2, pairs=pairs, summary=summary)
+                excess_last_pct=float(ev.excess_last_pct), probe_r2=r2, activation_r2=additivity, pairs=pairs,
+                summary=summary)
 
 
 def _mean(rows, method, key):
@@ -228,6 +246,10 @@ def report(results, config):
                   f"Training: {res['train_seconds']:.1f}s; excess loss over the exact floor "
                   f"{res['excess_loss_pct']:.3f}% (last position {res['excess_last_pct']:.3f}%). "
                   f"Probe R^2 (held out): " + ", ".join(f"{k} {v:.4f}" for k, v in res["probe_r2"].items()), "",
+                  f"Representation at {SITE} (held-out R^2 of the activations): direct sum of the factor "
+                  f"marginals {res['activation_r2']['direct_sum']:.4f}, joint belief {res['activation_r2']['joint']:.4f} "
+                  "(a much better joint fit means the factors interact in the representation, and centroids "
+                  "averaged over the other factor spill over into it).", "",
                   f"Pairs steered: {len(res['pairs'])} (" + ", ".join(
                       f"f{r['factor']} {r['source']}->{r['target']} n={r['n_source']}" for r in res["pairs"]) + ")", ""]
         s = res["summary"]["centroid"]
@@ -270,6 +292,14 @@ def report(results, config):
             lines.append(f"| {method} | {_fmt(m['kl_target'][i1])} | {_fmt(m['kl_target_exact'][i1])} | "
                          f"{_fmt(m['kl_steered'][i1])} | {_fmt(m['kl_unsteered'][i1])} | {_fmt(m['specificity'][i1])} | "
                          f"{_fmt(m['kl_unsteered_exact'][i1])} |")
+        lines.append("")
+        lines += ["### Steered / unsteered KL by scale, every method", "",
+                  "| scale | " + " | ".join(f"{m}: steered | {m}: unsteered" for m in METHODS) + " |",
+                  "|---|" + "---|---|" * len(METHODS)]
+        for i, sc in enumerate(scales):
+            lines.append(f"| {sc} | " + " | ".join(
+                f"{_fmt(res['summary'][m]['kl_steered'][i])} | {_fmt(res['summary'][m]['kl_unsteered'][i])}"
+                for m in METHODS) + " |")
         lines.append("")
     lines.append(f"Total wall time: {results['seconds']:.1f}s on {results['device']}.")
     return "\n".join(lines) + "\n"

@@ -31,6 +31,8 @@ def test_tiny_config_runs_end_to_end(tmp_path):
     for regime in ("factored", "semi"):
         res = results["regimes"][regime]
         assert res["pairs"], regime
+        assert set(res["activation_r2"]) == {"direct_sum", "joint"}
+        assert all(np.isfinite(v) and v <= 1.0 for v in res["activation_r2"].values())
         for pair in res["pairs"]:
             for method in mod.METHODS:
                 m = pair["methods"][method]
