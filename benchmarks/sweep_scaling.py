@@ -37,7 +37,7 @@ def point_fn(p):
     process = sfpjax.mess3(p["x"], p["a"])
     myopic = sfpjax.myopic_entropies(process, DEPTH)
     beliefs, probs = sfpjax.word_beliefs(process, DISTINCT_DEPTH)
-    spread = jnp.sqrt(probs @ ((beliefs - probs @ beliefs) ** 2).sum(-1))
+    spread = jnp.sqrt(probs @ ((beliefs - (probs @ beliefs)[None, :]) ** 2).sum(-1))
     return {"h": myopic[-1], "distinct": sfpjax.num_distinct_beliefs(process, DISTINCT_DEPTH), "spread": spread}
 
 

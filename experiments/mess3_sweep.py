@@ -65,7 +65,7 @@ def exact_statistics(config: Config):
         process = sfpjax.mess3(p["x"], p["a"])
         myopic = sfpjax.myopic_entropies(process, config.depth)
         beliefs, probs = sfpjax.word_beliefs(process, config.distinct_depth)
-        spread = jnp.sqrt(probs @ ((beliefs - probs @ beliefs) ** 2).sum(-1))
+        spread = jnp.sqrt(probs @ ((beliefs - (probs @ beliefs)[None, :]) ** 2).sum(-1))
         return {
             "entropy_rate_bound": myopic[-1],
             "excess_entropy_partial": (myopic - myopic[-1]).sum(),
