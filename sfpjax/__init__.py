@@ -1,22 +1,14 @@
-"""sfpjax: generalized hidden Markov processes, exact belief states and small transformers in JAX."""
+"""sfpjax: generalized hidden Markov processes, exact belief states and small transformers in JAX.
 
+Plotting lives in ``sfpjax.plots`` (imported on demand, so ``import sfpjax`` does not load
+matplotlib).
+"""
+
+# Processes
 from ._ghmm import GHMM as GHMM
 from ._ghmm import is_hmm as is_hmm
 from ._ghmm import stationary_state as stationary_state
 from ._ghmm import validate_ghmm as validate_ghmm
-from ._beliefs import FilterResult as FilterResult
-from ._beliefs import belief_update as belief_update
-from ._beliefs import beliefs_with_initial as beliefs_with_initial
-from ._beliefs import filter_beliefs as filter_beliefs
-from ._beliefs import next_token_probs as next_token_probs
-from ._beliefs import sequence_log_prob as sequence_log_prob
-from ._mixed_state import MixedStatePresentation as MixedStatePresentation
-from ._mixed_state import entropy_rate as entropy_rate
-from ._mixed_state import mixed_state_presentation as mixed_state_presentation
-from ._mixed_state import myopic_entropies as myopic_entropies
-from ._mixed_state import num_distinct_beliefs as num_distinct_beliefs
-from ._mixed_state import word_beliefs as word_beliefs
-from ._sampling import sample as sample
 from ._zoo import coin as coin
 from ._zoo import even_process as even_process
 from ._zoo import golden_mean as golden_mean
@@ -28,31 +20,6 @@ from ._zoo import post_quantum as post_quantum
 from ._zoo import rrxor as rrxor
 from ._zoo import tom_quantum as tom_quantum
 from ._zoo import z1r as z1r
-from ._interventions import Intervention as Intervention
-from ._model import Transformer as Transformer
-from ._model import TransformerBlock as TransformerBlock
-from ._model import TransformerConfig as TransformerConfig
-from ._probes import LinearProbe as LinearProbe
-from ._probes import ProbeMetrics as ProbeMetrics
-from ._probes import belief_centroids as belief_centroids
-from ._probes import concat_sites as concat_sites
-from ._probes import evaluate_probe as evaluate_probe
-from ._probes import fit_factor_probes as fit_factor_probes
-from ._probes import fit_probe as fit_probe
-from ._probes import probe_inverse as probe_inverse
-from ._probes import probe_r2 as probe_r2
-from ._probes import probe_rmse as probe_rmse
-from ._probes import train_test_split as train_test_split
-from ._geometry import SubspaceAngles as SubspaceAngles
-from ._geometry import n_components_for_variance as n_components_for_variance
-from ._geometry import pca_explained_variance as pca_explained_variance
-from ._geometry import subspace_angles as subspace_angles
-from ._sweep import Grid as Grid
-from ._sweep import SweepResult as SweepResult
-from ._sweep import grid as grid
-from ._sweep import load_sweep as load_sweep
-from ._sweep import points as points
-from ._sweep import run_sweep as run_sweep
 from ._compose import SemiFactoredProcess as SemiFactoredProcess
 from ._compose import decode_tokens as decode_tokens
 from ._compose import direct_sum as direct_sum
@@ -70,14 +37,29 @@ from ._structure import is_product_state as is_product_state
 from ._structure import nearest_product_state as nearest_product_state
 from ._structure import partial_trace as partial_trace
 from ._structure import sector_weights as sector_weights
+# Exact inference
+from ._beliefs import FilterResult as FilterResult
+from ._beliefs import belief_update as belief_update
+from ._beliefs import beliefs_with_initial as beliefs_with_initial
+from ._beliefs import filter_beliefs as filter_beliefs
+from ._beliefs import next_token_probs as next_token_probs
+from ._beliefs import sequence_log_prob as sequence_log_prob
+from ._mixed_state import MixedStatePresentation as MixedStatePresentation
+from ._mixed_state import entropy_rate as entropy_rate
+from ._mixed_state import mixed_state_presentation as mixed_state_presentation
+from ._mixed_state import myopic_entropies as myopic_entropies
+from ._mixed_state import num_distinct_beliefs as num_distinct_beliefs
+from ._mixed_state import word_beliefs as word_beliefs
+from ._sampling import sample as sample
+# Model
+from ._model import Transformer as Transformer
+from ._model import TransformerBlock as TransformerBlock
+from ._model import TransformerConfig as TransformerConfig
+from ._interventions import Intervention as Intervention
+# Training
 from ._data import ArraySource as ArraySource
 from ._data import ProcessSource as ProcessSource
 from ._data import as_source as as_source
-from ._checkpoint import Checkpoint as Checkpoint
-from ._checkpoint import CheckpointError as CheckpointError
-from ._checkpoint import latest_checkpoint as latest_checkpoint
-from ._checkpoint import restore_checkpoint as restore_checkpoint
-from ._checkpoint import save_checkpoint as save_checkpoint
 from ._training import EvalResult as EvalResult
 from ._training import TrainConfig as TrainConfig
 from ._training import TrainResult as TrainResult
@@ -91,6 +73,28 @@ from ._training import next_token_loss as next_token_loss
 from ._training import per_position_loss as per_position_loss
 from ._training import train as train
 from ._training import train_stack as train_stack
+from ._checkpoint import Checkpoint as Checkpoint
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import latest_checkpoint as latest_checkpoint
+from ._checkpoint import restore_checkpoint as restore_checkpoint
+from ._checkpoint import save_checkpoint as save_checkpoint
+# Probes and geometry
+from ._probes import LinearProbe as LinearProbe
+from ._probes import ProbeMetrics as ProbeMetrics
+from ._probes import belief_centroids as belief_centroids
+from ._probes import concat_sites as concat_sites
+from ._probes import evaluate_probe as evaluate_probe
+from ._probes import fit_factor_probes as fit_factor_probes
+from ._probes import fit_probe as fit_probe
+from ._probes import probe_inverse as probe_inverse
+from ._probes import probe_r2 as probe_r2
+from ._probes import probe_rmse as probe_rmse
+from ._probes import train_test_split as train_test_split
+from ._geometry import SubspaceAngles as SubspaceAngles
+from ._geometry import n_components_for_variance as n_components_for_variance
+from ._geometry import pca_explained_variance as pca_explained_variance
+from ._geometry import subspace_angles as subspace_angles
+# Steering
 from ._steering import FactorCentroids as FactorCentroids
 from ._steering import ablate_direction as ablate_direction
 from ._steering import add_vector as add_vector
@@ -114,3 +118,10 @@ from ._steering_metrics import sector_token_classes as sector_token_classes
 from ._steering_metrics import specificity_ratio as specificity_ratio
 from ._steering_metrics import steering_kls as steering_kls
 from ._steering_metrics import token_class_masses as token_class_masses
+# Sweeps
+from ._sweep import Grid as Grid
+from ._sweep import SweepResult as SweepResult
+from ._sweep import grid as grid
+from ._sweep import load_sweep as load_sweep
+from ._sweep import points as points
+from ._sweep import run_sweep as run_sweep
