@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 
 import numpy as np
 
@@ -84,7 +85,9 @@ tl_cfg = HookedTransformerConfig(
     n_layers=2, d_model=64, n_heads=2, d_head=32, d_mlp=256, n_ctx=ARGS.ctx, d_vocab=3,
     act_fn="gelu", normalization_type="LN", device="cpu", dtype=torch.float32, seed=0,
 )
-tl_model = HookedTransformer(tl_cfg)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    tl_model = HookedTransformer(tl_cfg)
 
 
 def copy_weights(model: sfpjax.Transformer, tl: HookedTransformer) -> None:
@@ -166,11 +169,11 @@ t0 = time.perf_counter()
 jax_model, jax_state, loss = jax_step(jax_batches[0], jax_model, jax_state)
 block(loss)
 compile_step = time.perf_counter() - t0
-jax_losses, tl_losses = [float(loss)], [float(tl_step(torch_batches[0]))]
+jax_losses, tl_losses = [float(loss)], [tl_step(torch_batches[0]).item()]
 for i in range(1, 4):
     jax_model, jax_state, loss = jax_step(jax_batches[i], jax_model, jax_state)
     jax_losses.append(float(loss))
-    tl_losses.append(float(tl_step(torch_batches[i])))
+    tl_losses.append(tl_step(torch_batches[i]).item())
 np.testing.assert_allclose(jax_losses, tl_losses, rtol=1e-4)
 
 if ARGS.scan:
@@ -226,7 +229,8 @@ for r in range(ARGS.rounds):
     rows["tl"].append(time_tl(ARGS.steps))
     if ARGS.scan:
         rows["scan"].append(time_jax_scan(ARGS.steps))
-    print(f"  round {r}: sfpjax {rows['sfpjax'][-1]:8.0f} tok/s   TransformerLens {rows['tl'][-1]:8.0f} tok/s"
+    print(f"  round {r} (load avg {os.getloadavg()[0]:4.1f}): sfpjax {rows['sfpjax'][-1]:8.0f} tok/s   "
+          f"TransformerLens {rows['tl'][-1]:8.0f} tok/s"
           + (f"   sfpjax scan x{ARGS.scan} {rows['scan'][-1]:8.0f} tok/s" if ARGS.scan else ""), flush=True)
 
 
