@@ -55,3 +55,34 @@ def myopic_entropies(T, eta0, right, N):
             h += p * -(q * np.log(q)).sum()
         out.append(h)
     return np.array(out)
+
+
+def z1r_T():
+    """Zero-one-random transfer matrices, states (S0, S1, SR)."""
+    T = np.zeros((2, 3, 3))
+    T[0, 0, 1] = T[1, 1, 2] = 1.0
+    T[0, 2, 0] = T[1, 2, 0] = 0.5
+    return T
+
+
+def all_word_probs(process, length):
+    """Pr(w) for every word of the given length, first symbol most significant, float64."""
+    T = np.asarray(process.T, np.float64)
+    v = np.asarray(process.eta0, np.float64)[None, :]
+    for _ in range(length):
+        v = np.einsum("wi,xij->wxj", v, T).reshape(-1, T.shape[-1])
+    return v @ np.asarray(process.right, np.float64)
+
+
+def tree_leaves_np(tree):
+    import equinox as eqx
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))]
+
+
+def assert_trees_equal(a, b):
+    la, lb = tree_leaves_np(a), tree_leaves_np(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)

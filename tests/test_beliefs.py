@@ -5,14 +5,8 @@ import numpy as np
 import pytest
 
 import sfpjax
+from oracles import z1r_T
 from oracles import random_ghmm, random_hmm, stationary, word_prob_and_belief, words
-
-
-def _z1r():
-    T = np.zeros((2, 3, 3))
-    T[0, 0, 1] = T[1, 1, 2] = 1.0
-    T[0, 2, 0] = T[1, 2, 0] = 0.5
-    return T
 
 
 @pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
@@ -24,7 +18,7 @@ def test_brute_force_words_up_to_length_6(kind):
     elif kind == "ghmm":
         T, eta0, right = random_ghmm(rng, 2, 3)
     else:
-        T = _z1r()
+        T = z1r_T()
         eta0, right = np.ones(3) / 3, np.ones(3)
     p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
     V = T.shape[0]
@@ -47,7 +41,7 @@ def test_brute_force_words_up_to_length_6(kind):
 
 
 def test_alignment_convention_and_initial():
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     toks = jnp.array([0, 1, 0, 0, 1])
     out = sfpjax.filter_beliefs(p, toks)
     assert out.beliefs.shape == (5, 3)
@@ -101,7 +95,7 @@ def test_long_sequences_stay_normalized_float32(getkey):
 
 
 def test_zero_probability_sequence_reported_without_nan():
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     out = sfpjax.filter_beliefs(p, jnp.array([[1, 1, 1, 0], [0, 1, 0, 0]]))
     assert not bool(out.is_possible[0]) and bool(out.is_possible[1])
     assert out.log_prob[0] == -jnp.inf
@@ -121,7 +115,7 @@ def test_next_token_probs_match_word_probabilities():
 
 
 def test_tokens_out_of_alphabet_rejected():
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     with pytest.raises(Exception, match=r"tokens outside the alphabet.*\[0, 2\)"):
         sfpjax.filter_beliefs(p, jnp.array([0, 1, 2]))
     with pytest.raises(Exception, match=r"tokens outside the alphabet"):
@@ -129,7 +123,7 @@ def test_tokens_out_of_alphabet_rejected():
 
 
 def test_structural_errors():
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     # Without runtime type checking our own ValueError fires; with it, jaxtyping's.
     with pytest.raises((ValueError, TypeError), match=r"integer array|Int\["):
         sfpjax.filter_beliefs(p, jnp.array([0.0, 1.0]))
@@ -154,7 +148,7 @@ def test_vmap_over_stacked_processes():
 def test_filter_does_not_retrace():
     import equinox as eqx
 
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     f = eqx.debug.assert_max_traces(lambda t: sfpjax.filter_beliefs(p, t), max_traces=1)
     f = eqx.filter_jit(f)
     for seed in range(3):
@@ -167,7 +161,7 @@ def _factor(rng, kind):
     if kind == "ghmm":
         T, eta0, right = random_ghmm(rng, 3, 2)
         return sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
-    return sfpjax.GHMM(_z1r(), hmm=True, dtype=jnp.float64)
+    return sfpjax.GHMM(z1r_T(), hmm=True, dtype=jnp.float64)
 
 
 @pytest.mark.parametrize("kinds", [("hmm", "z1r"), ("ghmm", "hmm"), ("z1r", "ghmm", "hmm")])

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sfpjax
+from oracles import all_word_probs
 
 F64 = jnp.float64
 
@@ -31,12 +32,6 @@ def random_block_hmm(rng, blocks, V):
     return sfpjax.GHMM(T, rng.dirichlet(np.ones(d)), dtype=F64, hmm=True)
 
 
-def word_probs(process, length):
-    T = np.asarray(process.T, np.float64)
-    v = np.asarray(process.eta0, np.float64)[None, :]
-    for _ in range(length):
-        v = np.einsum("wi,xij->wxj", v, T).reshape(-1, T.shape[-1])
-    return v @ np.asarray(process.right, np.float64)
 
 
 def np_beliefs(process, tokens):
@@ -123,8 +118,8 @@ def test_product_marginals_equal_factor_beliefs(seed, shapes):
     for f, factor in enumerate(factors):
         np.testing.assert_allclose(np.asarray(marginals[f]), np_beliefs(factor, sub[f]), atol=1e-10)
     # Word probabilities factorize too.
-    probs = word_probs(P, 2).reshape(*(sizes * 2))
-    per = [word_probs(f, 2).reshape(v, v) for f, v in zip(factors, sizes)]
+    probs = all_word_probs(P, 2).reshape(*(sizes * 2))
+    per = [all_word_probs(f, 2).reshape(v, v) for f, v in zip(factors, sizes)]
     F = len(factors)
     letters = "abcdefgh"
     spec = ",".join(letters[f] + letters[F + f] for f in range(F)) + "->" + letters[:F] + letters[F:2 * F]
@@ -162,8 +157,8 @@ def test_direct_sum_word_probs_are_the_mixture(seed, K):
     w = rng.dirichlet(np.ones(K))
     P = sfpjax.direct_sum(comps, w)
     for L in (1, 2, 3):
-        mix = sum(wi * word_probs(c, L) for wi, c in zip(w, comps))
-        np.testing.assert_allclose(word_probs(P, L), mix, atol=1e-12)
+        mix = sum(wi * all_word_probs(c, L) for wi, c in zip(w, comps))
+        np.testing.assert_allclose(all_word_probs(P, L), mix, atol=1e-12)
 
 
 def test_direct_sum_disjoint_and_explicit_vocab():
@@ -172,9 +167,9 @@ def test_direct_sum_disjoint_and_explicit_vocab():
     P = sfpjax.direct_sum([A, B], w, vocab="disjoint")
     assert P.vocab_size == 5
     for L in (1, 2, 3):
-        pa = word_probs(A, L).reshape((2,) * L)
-        pb = word_probs(B, L).reshape((3,) * L)
-        full = word_probs(P, L).reshape((5,) * L)
+        pa = all_word_probs(A, L).reshape((2,) * L)
+        pb = all_word_probs(B, L).reshape((3,) * L)
+        full = all_word_probs(P, L).reshape((5,) * L)
         np.testing.assert_allclose(full[(slice(0, 2),) * L], w[0] * pa, atol=1e-12)
         np.testing.assert_allclose(full[(slice(2, 5),) * L], w[1] * pb, atol=1e-12)
         assert full.sum() == pytest.approx(1.0, abs=1e-12)
@@ -184,7 +179,7 @@ def test_direct_sum_disjoint_and_explicit_vocab():
     merged = np.stack([B.T[0] + B.T[1], B.T[2]])
     B2 = sfpjax.GHMM(merged, B.eta0, dtype=F64)
     for L in (1, 2, 3):
-        np.testing.assert_allclose(word_probs(Q, L), w[0] * word_probs(A, L) + w[1] * word_probs(B2, L), atol=1e-12)
+        np.testing.assert_allclose(all_word_probs(Q, L), w[0] * all_word_probs(A, L) + w[1] * all_word_probs(B2, L), atol=1e-12)
 
 
 def test_direct_sum_vmaps_over_weights():
@@ -302,18 +297,18 @@ def test_with_token_noise():
     m = sfpjax.mess3(dtype=F64)
     assert np.array_equal(np.asarray(sfpjax.with_token_noise(m, 0.0).T), np.asarray(m.T))
     full = sfpjax.with_token_noise(m, 1.0)
-    np.testing.assert_allclose(word_probs(full, 2), np.full(9, 1 / 9), atol=1e-12)
+    np.testing.assert_allclose(all_word_probs(full, 2), np.full(9, 1 / 9), atol=1e-12)
     eps = 0.2
     noisy = sfpjax.with_token_noise(m, eps)
     sfpjax.validate_ghmm(noisy, hmm=True)
     # Pr'(w) is Pr passed through an i.i.d. symmetric channel.
     channel = (1 - eps) * np.eye(3) + eps / 3
-    pw = word_probs(m, 2).reshape(3, 3)
-    np.testing.assert_allclose(word_probs(noisy, 2).reshape(3, 3), channel.T @ pw @ channel, atol=1e-12)
+    pw = all_word_probs(m, 2).reshape(3, 3)
+    np.testing.assert_allclose(all_word_probs(noisy, 2).reshape(3, 3), channel.T @ pw @ channel, atol=1e-12)
     q = sfpjax.with_token_noise(sfpjax.tom_quantum(dtype=F64), 0.3)
     sfpjax.validate_ghmm(q)
     for L in range(1, 5):
-        assert word_probs(q, L).min() > -1e-12
+        assert all_word_probs(q, L).min() > -1e-12
     # Noise on the joint symbol breaks the Kronecker factorization of a product.
     P = sfpjax.product(sfpjax.z1r(dtype=F64), sfpjax.z1r(dtype=F64))
     noisy_p = sfpjax.with_token_noise(P, 0.3)

@@ -5,15 +5,9 @@ import numpy as np
 import pytest
 
 import sfpjax
+from oracles import z1r_T
 from oracles import myopic_entropies as oracle_myopic
 from oracles import random_ghmm, random_hmm, stationary
-
-
-def _z1r():
-    T = np.zeros((2, 3, 3))
-    T[0, 0, 1] = T[1, 1, 2] = 1.0
-    T[0, 2, 0] = T[1, 2, 0] = 0.5
-    return T
 
 
 @pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
@@ -25,7 +19,7 @@ def test_myopic_entropies_brute_force(kind):
     elif kind == "ghmm":
         T, eta0, right = random_ghmm(rng, 2, 3)
     else:
-        T, eta0, right = _z1r(), np.ones(3) / 3, np.ones(3)
+        T, eta0, right = z1r_T(), np.ones(3) / 3, np.ones(3)
     p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
     h = sfpjax.myopic_entropies(p, 6)
     np.testing.assert_allclose(h, oracle_myopic(T, eta0, right, 6), rtol=1e-9, atol=1e-12)
@@ -34,7 +28,7 @@ def test_myopic_entropies_brute_force(kind):
 
 
 def test_z1r_known_values_and_msp():
-    p = sfpjax.GHMM(_z1r(), hmm=True, dtype=jnp.float64)
+    p = sfpjax.GHMM(z1r_T(), hmm=True, dtype=jnp.float64)
     h = np.asarray(sfpjax.myopic_entropies(p, 8))
     # entropy rate of Z1R: one fair bit every 3 symbols
     assert abs(h[-1] - np.log(2) / 3) < 0.02 and np.all(np.diff(h) <= 1e-12)
@@ -46,7 +40,7 @@ def test_z1r_known_values_and_msp():
         for x in range(2):
             j = msp.transitions[s, x]
             if j >= 0:
-                v = msp.beliefs[s] @ _z1r()[x]
+                v = msp.beliefs[s] @ z1r_T()[x]
                 np.testing.assert_allclose(v / v.sum(), msp.beliefs[j], atol=1e-8)
     for lp in msp.level_probs:
         np.testing.assert_allclose(lp.sum(), 1.0)
@@ -73,7 +67,7 @@ def test_vmap_over_processes_and_distinct_beliefs():
         np.testing.assert_allclose(h[k], sfpjax.myopic_entropies(sfpjax.GHMM(Ts[k], hmm=True), 4), rtol=1e-5)
     n = jax.vmap(lambda p: sfpjax.num_distinct_beliefs(p, 3))(procs)
     assert n.shape == (3,) and bool((n == 8).all())  # generic HMM: every word its own belief
-    z = sfpjax.GHMM(_z1r(), eta0=np.array([1.0, 0, 0]), hmm=True)
+    z = sfpjax.GHMM(z1r_T(), eta0=np.array([1.0, 0, 0]), hmm=True)
     assert int(sfpjax.num_distinct_beliefs(z, 4)) == 1
 
 
@@ -86,13 +80,13 @@ def test_word_beliefs_probabilities_sum_to_one():
 
 
 def test_entropy_rate_estimate(getkey):
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     h, se = sfpjax.entropy_rate(p, key=getkey(), num_sequences=16, seq_len=3000, burn_in=30)
     assert abs(float(h) - np.log(2) / 3) < 5 * float(se) + 1e-3
 
 
 def test_bad_depths():
-    p = sfpjax.GHMM(_z1r(), hmm=True)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
     with pytest.raises(ValueError, match="max_depth must be >= 0"):
         sfpjax.myopic_entropies(p, -1)
     with pytest.raises(ValueError, match="mixed_state_presentation"):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sfpjax
+from oracles import assert_trees_equal, tree_leaves_np
 from sfpjax import TrainConfig, Transformer, TransformerConfig
 
 CFG = TransformerConfig(vocab_size=2, n_ctx=8, n_layers=1, d_model=16, n_heads=2, d_mlp=32)
@@ -18,17 +19,6 @@ OPT = sfpjax.make_optimizer(TC)
 
 def _model(seed=0, cfg=CFG):
     return Transformer(cfg, key=jr.key(seed))
-
-
-def _leaves(tree):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))]
-
-
-def _assert_trees_equal(a, b):
-    la, lb = _leaves(a), _leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(x, y)
 
 
 def test_loss_decreases_towards_the_floor_on_z1r():
@@ -45,7 +35,7 @@ def test_loss_decreases_towards_the_floor_on_z1r():
     assert np.isclose(last["floor"], float(before.floor.mean()))
     assert np.isclose(last["excess_pct"], 100 * last["excess"] / last["floor"], rtol=1e-4)
     # The caller's model is not consumed by the donated step.
-    _assert_trees_equal(model, _model())
+    assert_trees_equal(model, _model())
 
 
 def test_training_is_a_function_of_the_key():
@@ -53,8 +43,8 @@ def test_training_is_a_function_of_the_key():
     a = sfpjax.train(_model(), proc, TC, key=jr.key(1), optimizer=OPT, progress=False)
     b = sfpjax.train(_model(), proc, TC, key=jr.key(1), optimizer=OPT, progress=False)
     c = sfpjax.train(_model(), proc, TC, key=jr.key(2), optimizer=OPT, progress=False)
-    _assert_trees_equal(a.model, b.model)
-    _assert_trees_equal(a.opt_state, b.opt_state)
+    assert_trees_equal(a.model, b.model)
+    assert_trees_equal(a.opt_state, b.opt_state)
     assert a.history == b.history
     assert not np.array_equal(np.asarray(a.model.W_U), np.asarray(c.model.W_U))
 
@@ -68,9 +58,9 @@ def test_frozen_parameters_do_not_change():
     assert not np.array_equal(np.asarray(out.model.W_U), np.asarray(model.W_U))
     frozen_before = eqx.filter(model, only_unembed, inverse=True)
     frozen_after = eqx.filter(out.model, only_unembed, inverse=True)
-    _assert_trees_equal(frozen_before, frozen_after)
+    assert_trees_equal(frozen_before, frozen_after)
     # Optimizer state only for the trainable part: adam mu and nu of W_U and b_U.
-    sizes = sorted(x.size for x in _leaves(out.opt_state) if x.ndim > 0)
+    sizes = sorted(x.size for x in tree_leaves_np(out.opt_state) if x.ndim > 0)
     assert sizes == sorted([model.W_U.size, model.b_U.size] * 2)
 
     # A callable filter on leaves works too (here: only matrices train).
@@ -203,7 +193,7 @@ def test_stack_of_two_models_equals_two_separate_runs():
         # between the vmapped and the plain program and which Adam scales up to steps of
         # size ~lr; so parameters agree to a small fraction of the distance travelled
         # (8 steps of lr 1e-2), and the function the models compute agrees closely.
-        for x, y in zip(_leaves(mine), _leaves(single.model)):
+        for x, y in zip(tree_leaves_np(mine), tree_leaves_np(single.model)):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-4)
         toks = sfpjax.sample(procs[k], key=jr.key(0), batch_size=4, seq_len=8)
         logits = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import sfpjax
+from oracles import all_word_probs
 
 HMMS = {
     "coin": (sfpjax.coin, (0.3,)),
@@ -24,13 +25,6 @@ QUANTUM = {
 ALL = {**HMMS, **QUANTUM, "partitioned_z1r": (sfpjax.partitioned_z1r, ())}
 
 
-def word_probs(process, length):
-    """Pr(w) for every word of the given length, lexicographic order, float64."""
-    T = np.asarray(process.T, np.float64)
-    v = np.asarray(process.eta0, np.float64)[None, :]
-    for _ in range(length):
-        v = np.einsum("wi,xij->wxj", v, T).reshape(-1, T.shape[-1])
-    return v @ np.asarray(process.right, np.float64)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -53,7 +47,7 @@ def test_float64_on_request(name):
     ctor, args = ALL[name]
     p = ctor(*args, dtype=jnp.float64)
     assert p.T.dtype == p.eta0.dtype == p.right.dtype == jnp.float64
-    np.testing.assert_allclose(word_probs(p, 3).sum(), 1.0, atol=1e-12)
+    np.testing.assert_allclose(all_word_probs(p, 3).sum(), 1.0, atol=1e-12)
 
 
 def test_partitioned_z1r_is_seed_000_eq_2_17():
@@ -89,16 +83,16 @@ def test_rrxor_third_symbol_is_xor():
     p = sfpjax.rrxor(0.3, 0.6, dtype=jnp.float64)
     # Start in S: every length-3 word has positive probability iff its third bit is the XOR.
     start = p.with_initial(jnp.eye(5, dtype=jnp.float64)[0])
-    probs = word_probs(start, 3).reshape(2, 2, 2)
+    probs = all_word_probs(start, 3).reshape(2, 2, 2)
     for a, b, c in itertools.product(range(2), repeat=3):
         expected = (0.3 if a == 0 else 0.7) * (0.6 if b == 0 else 0.4) * (c == a ^ b)
         assert probs[a, b, c] == pytest.approx(expected, abs=1e-14)
 
 
 def test_even_and_golden_mean_forbidden_words():
-    even = word_probs(sfpjax.even_process(0.5, dtype=jnp.float64), 3).reshape(2, 2, 2)
+    even = all_word_probs(sfpjax.even_process(0.5, dtype=jnp.float64), 3).reshape(2, 2, 2)
     assert even[0, 1, 0] == 0.0  # an odd block of 1s between 0s
-    golden = word_probs(sfpjax.golden_mean(0.5, dtype=jnp.float64), 2).reshape(2, 2)
+    golden = all_word_probs(sfpjax.golden_mean(0.5, dtype=jnp.float64), 2).reshape(2, 2)
     assert golden[1, 1] == 0.0
     assert golden[0, 0] > 0 and golden[0, 1] > 0
 
@@ -106,12 +100,12 @@ def test_even_and_golden_mean_forbidden_words():
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_noisy_gates_emit_gate_outputs(eps):
     g = sfpjax.noisy_and(eps, dtype=jnp.float64)
-    probs = word_probs(g.with_initial(jnp.eye(5, dtype=jnp.float64)[0]), 3).reshape(2, 2, 2)
+    probs = all_word_probs(g.with_initial(jnp.eye(5, dtype=jnp.float64)[0]), 3).reshape(2, 2, 2)
     for a, b, c in itertools.product(range(2), repeat=3):
         expected = 0.25 * ((1 - eps) if c == (a & b) else eps)
         assert probs[a, b, c] == pytest.approx(expected, abs=1e-14)
     n = sfpjax.noisy_not(eps, dtype=jnp.float64)
-    probs = word_probs(n.with_initial(jnp.eye(3, dtype=jnp.float64)[0]), 2).reshape(2, 2)
+    probs = all_word_probs(n.with_initial(jnp.eye(3, dtype=jnp.float64)[0]), 2).reshape(2, 2)
     for a, c in itertools.product(range(2), repeat=2):
         assert probs[a, c] == pytest.approx(0.5 * ((1 - eps) if c == 1 - a else eps), abs=1e-14)
 
@@ -133,14 +127,14 @@ def test_quantum_ghmms_are_valid_and_not_hmms(ctor, params):
         assert np.abs(eig).max() == pytest.approx(1.0, abs=1e-10)
         assert np.min(np.abs(eig - 1)) < 1e-10
         for L in range(1, 7):
-            probs = word_probs(p, L)
+            probs = all_word_probs(p, L)
             assert probs.min() > -1e-12, (alpha, beta, L, probs.min())
             assert probs.sum() == pytest.approx(1.0, abs=1e-10)
 
 
 def test_quantum_float32_word_probabilities():
     for p in (sfpjax.tom_quantum(), sfpjax.post_quantum()):
-        probs = word_probs(p, 5)
+        probs = all_word_probs(p, 5)
         assert probs.min() > -1e-5
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
 
