@@ -39,12 +39,26 @@ def _entropy(p: Array) -> Array:
     return -(p * jnp.log(safe)).sum(-1)
 
 
+# Below this many states, contractions over the state index are unrolled into elementwise
+# multiply-adds: XLA:CPU runs those ~2x faster than tiny dot products (Mess3 depth 10).
+_UNROLL_STATES = 8
+
+
+def _rowvec_times(unnorm: Float[Array, "n d"], M: Float[Array, "d ..."]) -> Float[Array, "n ..."]:
+    """``unnorm @ M`` over the leading axis of ``M``, unrolled for small ``d``."""
+    d = unnorm.shape[-1]
+    if d > _UNROLL_STATES:
+        return jnp.tensordot(unnorm, M, axes=1)
+    extra = (None,) * (M.ndim - 1)
+    return sum(unnorm[(slice(None), i) + extra] * M[i][None] for i in range(d))
+
+
 def _children(process: GHMM, unnorm: Float[Array, "n d"]) -> Float[Array, "m d"]:
     # Unnormalized row vectors <<eta(0)|T(w x)| for every word w in the level and symbol x;
     # words stay unnormalized so Pr(w) = <<eta(0)|T(w)|1>> is exact, with a per-level
     # rescaling to keep the numbers in range.
-    V, d, _ = process.T.shape
-    return jnp.einsum("ni,xij->nxj", unnorm, process.T).reshape(-1, d)
+    d = process.T.shape[-1]
+    return _rowvec_times(unnorm, jnp.swapaxes(process.T, 0, 1)).reshape(-1, d)
 
 
 def _check_depth(process: GHMM, depth: int, name: str) -> int:
@@ -106,10 +120,11 @@ def myopic_entropies(process: GHMM, max_depth: int) -> Float[Array, " depth"]:
     unnorm = process.eta0[None, :]
     out = []
     for n in range(max_depth + 1):
-        joint = jnp.maximum(unnorm @ Tr.T, 0.0)  # Pr(w x) for every word w and symbol x
+        joint = jnp.maximum(_rowvec_times(unnorm, Tr.T), 0.0)  # Pr(w x) for every word w, symbol x
         pw = joint.sum(-1)
-        cond = joint / jnp.where(pw > 0, pw, 1.0)[:, None]
-        out.append((pw * _entropy(cond)).sum() / pw.sum())
+        # sum_w Pr(w) H[Pr(.|w)] = H(words of length n+1) - H(words of length n): one log
+        # per word instead of a division and V logs.
+        out.append((_entropy(joint.reshape(-1)) - _entropy(pw)) / pw.sum())
         if n < max_depth:
             unnorm = _children(process, unnorm)
             # Renormalize the whole level (a common scale) so long words do not underflow.
