@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 # Training bookkeeping that does not change the parameters; a resumed run may change these.
-_BOOKKEEPING = ("eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+_BOOKKEEPING = ("eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_call")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,10 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every this many steps (and at the end) when
             training with a ``run_dir``; 0 writes only the final one.
         keep_checkpoints: keep the newest this many checkpoints; ``None`` keeps all.
+        steps_per_call: optimizer steps run inside one compiled call (a ``lax.scan`` over
+            their batches): the same updates as one call per step, with the per-call
+            overhead paid once. Calls end early at evaluations, checkpoints and the last
+            step; every step's loss is still logged.
 
     >>> import sfpjax
     >>> sfpjax.TrainConfig(steps=100, batch_size=32, seq_len=8).schedule
@@ -104,6 +108,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     keep_checkpoints: int | None = 3
+    steps_per_call: int = 16
 
     def __post_init__(self):
         def need_int(name, lo):
@@ -119,7 +124,7 @@ class TrainConfig:
                 bound = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
                 raise ValueError(f"TrainConfig.{name} must be a finite number {bound}, got {v!r}.")
 
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batch_size"):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batch_size", "steps_per_call"):
             need_int(name, 1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             need_int(name, 0)
@@ -425,6 +430,9 @@ def make_step(
     ``eqx.filter_jit`` region in which the batch is drawn on device with
     ``source.batch(key, batch_size, seq_len)``. The buffers of ``model`` and ``opt_state``
     are donated (do not use the old ones after the call); ``source`` and ``key`` are not.
+    ``step.many(model, opt_state, source, keys) -> (model, opt_state, losses)`` runs one
+    step per key (stacked along axis 0) inside one compiled ``lax.scan``: the same updates,
+    with the per-call overhead paid once.
 
     Args:
         optimizer: an Optax optimizer; ``opt_state`` is :func:`init_opt_state` of it.
@@ -451,6 +459,10 @@ def make_step(
     def step(model, opt_state, source, key):
         return _train_step((spec, source, key), model, opt_state)
 
+    def many(model, opt_state, source, keys):
+        return _train_steps((spec, source, keys), model, opt_state)
+
+    step.many = many
     return step
 
 
@@ -493,6 +505,28 @@ def _train_step(data, model, opt_state):
         )
         return body(model, opt_state, source, key)
     return _single_step(spec, model, opt_state, source, key)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def _train_steps(data, model, opt_state):
+    """``len(keys)`` steps of :func:`_train_step` in one call, returning every step's loss."""
+    spec, source, keys = data
+    params, static = eqx.partition((model, opt_state), eqx.is_array)
+
+    def body(carry, key):
+        model, opt_state = eqx.combine(carry, static)
+        if spec.stacked:
+            model, opt_state, loss = eqx.filter_vmap(
+                lambda m, o, src, k: _single_step(spec, m, o, src, k),
+                in_axes=(0, 0, None if spec.shared_source else 0, 0),
+            )(model, opt_state, source, key)
+        else:
+            model, opt_state, loss = _single_step(spec, model, opt_state, source, key)
+        return eqx.filter((model, opt_state), eqx.is_array), loss
+
+    params, losses = jax.lax.scan(body, params, keys)
+    model, opt_state = eqx.combine(params, static)
+    return model, opt_state, losses
 
 
 class TrainResult(NamedTuple):
@@ -681,8 +715,32 @@ def _run(
     metrics_file = open(metrics_path, "a") if metrics_path is not None else None
     last_eval = None
     try:
-        for s in range(start, cfg.steps):
-            model, opt_state, loss = step_fn(model, opt_state, source, step_key(data_key, s))
+        s = start
+        while s < cfg.steps:
+            # A call covers steps s .. stop-1 and ends at the next multiple of steps_per_call,
+            # evaluation, checkpoint or the last step, where the model itself is needed.
+            stop = min(cfg.steps, (s // cfg.steps_per_call + 1) * cfg.steps_per_call)
+            for every in (cfg.eval_every if floor is not None else 0,
+                          cfg.checkpoint_every if manager is not None else 0):
+                if every:
+                    stop = min(stop, (s // every + 1) * every)
+            if stop - s == 1:
+                model, opt_state, loss = step_fn(model, opt_state, source, step_key(data_key, s))
+                losses = [loss]
+            else:
+                keys = jnp.stack([step_key(data_key, t) for t in range(s, stop)])
+                model, opt_state, losses = step_fn.many(model, opt_state, source, keys)
+            for t in range(s, stop - 1):
+                if (t + 1) % cfg.log_every == 0:
+                    row = {"step": t + 1, "loss": _to_json(losses[t - s])}
+                    if schedule is not None:
+                        with jax.numpy_dtype_promotion("standard"):
+                            row["lr"] = float(schedule(t))
+                    rows.append(row)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(row) + "\n")
+            bar.update(stop - 1 - s)
+            s, loss = stop - 1, losses[-1]
             n = s + 1
             final = n == cfg.steps
             row = None
@@ -726,6 +784,7 @@ def _run(
                     extra={"source_fingerprint": fingerprint, "stacked": stacked},
                     _manager_=manager,
                 )
+            s = n
     finally:
         bar.close()
         if metrics_file is not None:

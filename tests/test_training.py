@@ -222,3 +222,19 @@ def test_make_step_compiles_once_and_donates():
     before = sfpjax._training._train_step._cached._cache_size()
     model, opt_state, loss = step(model, opt_state, src, jr.key(9))
     assert sfpjax._training._train_step._cached._cache_size() == before
+
+
+def test_several_steps_per_call_make_the_same_updates():
+    z1r = sfpjax.z1r()
+    base = dataclasses.replace(TC, steps=11, log_every=2, eval_every=5, eval_batch_size=32)
+    one = sfpjax.train(_model(), z1r, dataclasses.replace(base, steps_per_call=1), key=jr.key(3), progress=False)
+    many = sfpjax.train(_model(), z1r, dataclasses.replace(base, steps_per_call=4), key=jr.key(3), progress=False)
+    for a, b in zip(tree_leaves_np(one.model), tree_leaves_np(many.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in one.history] == [r["step"] for r in many.history]
+    for r1, r2 in zip(one.history, many.history):
+        assert set(r1) == set(r2)
+        if "loss" in r1:
+            np.testing.assert_allclose(r1["loss"], r2["loss"], rtol=1e-5)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        dataclasses.replace(base, steps_per_call=0)
