@@ -86,3 +86,14 @@ def assert_trees_equal(a, b):
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         np.testing.assert_array_equal(x, y)
+
+
+def small_process(kind):
+    """``(T, eta0, right)`` of a tiny test process: a random HMM, a random GHMM or Z1R."""
+    rng = np.random.default_rng(0)
+    if kind == "hmm":
+        T = random_hmm(rng, 3, 3)
+        return T, stationary(T), np.ones(3)
+    if kind == "ghmm":
+        return random_ghmm(rng, 2, 3)
+    return z1r_T(), np.ones(3) / 3, np.ones(3)

@@ -5,21 +5,13 @@ import numpy as np
 import pytest
 
 import sfpjax
-from oracles import z1r_T
+from oracles import small_process, z1r_T
 from oracles import random_ghmm, random_hmm, stationary, word_prob_and_belief, words
 
 
 @pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
 def test_brute_force_words_up_to_length_6(kind):
-    rng = np.random.default_rng(0)
-    if kind == "hmm":
-        T = random_hmm(rng, 3, 3)
-        eta0, right = stationary(T), np.ones(3)
-    elif kind == "ghmm":
-        T, eta0, right = random_ghmm(rng, 2, 3)
-    else:
-        T = z1r_T()
-        eta0, right = np.ones(3) / 3, np.ones(3)
+    T, eta0, right = small_process(kind)
     p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
     V = T.shape[0]
     for n in range(1, 7):

@@ -5,21 +5,14 @@ import numpy as np
 import pytest
 
 import sfpjax
-from oracles import z1r_T
+from oracles import small_process, z1r_T
 from oracles import myopic_entropies as oracle_myopic
 from oracles import random_ghmm, random_hmm, stationary
 
 
 @pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
 def test_myopic_entropies_brute_force(kind):
-    rng = np.random.default_rng(0)
-    if kind == "hmm":
-        T = random_hmm(rng, 3, 3)
-        eta0, right = stationary(T), np.ones(3)
-    elif kind == "ghmm":
-        T, eta0, right = random_ghmm(rng, 2, 3)
-    else:
-        T, eta0, right = z1r_T(), np.ones(3) / 3, np.ones(3)
+    T, eta0, right = small_process(kind)
     p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
     h = sfpjax.myopic_entropies(p, 6)
     np.testing.assert_allclose(h, oracle_myopic(T, eta0, right, 6), rtol=1e-9, atol=1e-12)
