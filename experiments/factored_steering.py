@@ -1,7 +1,7 @@
 """Factored and semi-factored steering (seed 001, appendix A; seed 000, section 1).
 
     python experiments/factored_steering.py                     # both regimes, default config
-    python experiments/factored_steering.py --tiny --out runs/t # seconds
+    python experiments/factored_steering.py --preset tiny --out runs/t   # seconds
     python experiments/factored_steering.py --steps 3000 --out runs/x
 
 Regime (i): Z1R x Z1R (9 joint states, 4 tokens). Regime (ii): the partition-preserving
@@ -325,10 +325,6 @@ def plots(results, config):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = ["--preset" if a == "--tiny" else a for a in argv]
-    if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] != ["tiny"]:
-        argv.insert(argv.index("--preset") + 1, "tiny")
     config = parse_config(Config, argv, presets=PRESETS, description=__doc__)
     os.makedirs(config.out, exist_ok=True)
     with open(os.path.join(config.out, "config.json"), "w") as f:

@@ -21,7 +21,7 @@ def _load():
 def test_tiny_config_runs_end_to_end(tmp_path):
     mod = _load()
     out = tmp_path / "run"
-    results = mod.main(["--tiny", "--out", str(out), "--steps", "20", "--n-eval", "40"])
+    results = mod.main(["--preset", "tiny", "--out", str(out), "--steps", "20", "--n-eval", "40"])
     for name in ("config.json", "results.json", "report.md", "kl_factored_factor0.png", "kl_semi_factor1.png",
                  "forbidden_mass_semi.png"):
         assert (out / name).exists(), name
