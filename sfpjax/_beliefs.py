@@ -141,30 +141,6 @@ def _step_gemm(Tm, right, eta, x):
     return unnorm, right @ unnorm
 
 
-def _joint_step(process: GHMM):
-    """Step on the full belief ``(d, B)`` (a one-element tuple): returns ``((new,), norm)``."""
-    V, d, _ = process.T.shape
-    T, right = process.T, process.right
-    elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
-    Tm = jnp.swapaxes(T, 1, 2).reshape(V * d, d)
-
-    def step(etas, x):
-        (eta,) = etas
-        if elementwise:
-            rows = [eta[i] for i in range(d)]
-            unnorm, norm = _step_elementwise(T, right, rows, x)
-        else:
-            rows = eta
-            unnorm, norm = _step_gemm(Tm, right, eta, x)
-        ok = norm > 0
-        inv = 1.0 / jnp.where(ok, norm, jnp.ones((), norm.dtype))
-        # Per-row expressions keep each update a single fused vector loop per state.
-        new = jnp.stack([jnp.where(ok, unnorm[j] * inv, rows[j]) for j in range(d)])
-        return (new,), norm
-
-    return step
-
-
 def _leaf_factors(process: GHMM) -> list[GHMM]:
     if process.factors is None:
         return [process]
@@ -174,6 +150,8 @@ def _leaf_factors(process: GHMM) -> list[GHMM]:
 def _factored_step(factors: list[GHMM]):
     """Step on one belief ``(d_f, B)`` per factor of a product process.
 
+    With a single factor (any process filtered on its full state space) this is the joint
+    step on ``(d, B)``.
     The joint normalizer is the product of the factor normalizers; an impossible joint step
     (product not positive) leaves every factor unchanged, as the joint step leaves the
     joint belief, and dividing each factor by its own normalizer then gives exactly the
@@ -195,6 +173,7 @@ def _factored_step(factors: list[GHMM]):
             norm = norm * n
         ok = norm > 0
         new = []
+        # Per-row expressions keep each update a single fused vector loop per state.
         for (unnorm, n), eta in zip(parts, etas):
             inv = 1.0 / jnp.where(ok, n, jnp.ones((), n.dtype))
             new.append(jnp.stack([jnp.where(ok, unnorm[j] * inv, eta[j]) for j in range(eta.shape[0])]))
@@ -285,11 +264,10 @@ def _filter_impl(process, tokens, initial, out):
     flat = tokens.reshape(-1, L).astype(jnp.int32)
     B = flat.shape[0]
     factors = _leaf_factors(process) if initial is None else [process]
+    step = _factored_step(factors)
     if len(factors) > 1:
-        step = _factored_step(factors)
         etas = tuple(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B)) for f in factors)
     else:
-        step = _joint_step(process)
         if initial is None:
             eta0 = jnp.broadcast_to(process.eta0[:, None], (d, B))
         else:

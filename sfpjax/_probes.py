@@ -25,6 +25,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
+from ._ghmm import _is_traced
 from ._structure import factor_marginals
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
     "probe_rmse",
     "train_test_split",
 ]
-
-
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def _host(x, name: str, fn: str) -> np.ndarray:

@@ -38,7 +38,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real
 from ._interventions import Intervention
 from ._model import Transformer
 from ._probes import LinearProbe, belief_centroids, probe_inverse
-from ._structure import factor_marginals
+from ._structure import _kron_vectors, factor_marginals
 
 __all__ = [
     "add_vector",
@@ -574,14 +574,7 @@ def belief_state_delta(
     marg = factor_marginals(eta_hat, dims)
     new = list(marg)
     new[factor] = jnp.broadcast_to(target, marg[factor].shape)
-    delta = _kron(new) - _kron(marg)
+    delta = _kron_vectors(new) - _kron_vectors(marg)
     if decoder is None:
         return probe_inverse(probe, delta)
     return delta.astype(decoder.W.dtype) @ decoder.W
-
-
-def _kron(vs):
-    out = vs[0]
-    for v in vs[1:]:
-        out = (out[..., :, None] * v[..., None, :]).reshape(*out.shape[:-1], -1)
-    return out
