@@ -41,6 +41,7 @@ from ._data import ArraySource, ProcessSource, as_source
 from ._ghmm import GHMM
 from ._mixed_state import myopic_entropies
 from ._sampling import sample
+from ._structure import _entropy
 
 __all__ = [
     "EvalResult",
@@ -236,11 +237,6 @@ def next_token_loss(model, tokens: Int[Array, "B L"]) -> Float[Array, ""]:
     True
     """
     return per_position_loss(model, tokens).mean()
-
-
-def _entropy(p):
-    safe = jnp.where(p > 0, p, 1.0)
-    return -(p * jnp.log(safe)).sum(-1)
 
 
 def loss_floor(
@@ -714,6 +710,21 @@ def _run(
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or None, dynamic_ncols=True, desc="train")
     metrics_file = open(metrics_path, "a") if metrics_path is not None else None
     last_eval = None
+
+    def loss_row(t, loss):
+        # The log row after optimizer step t (0-based), i.e. at step count t + 1.
+        row = {"step": t + 1, "loss": _to_json(loss)}
+        if schedule is not None:
+            with jax.numpy_dtype_promotion("standard"):
+                row["lr"] = float(schedule(t))
+        return row
+
+    def record(row):
+        rows.append(row)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
     try:
         s = start
         while s < cfg.steps:
@@ -732,23 +743,10 @@ def _run(
                 model, opt_state, losses = step_fn.many(model, opt_state, source, keys)
             for t in range(s, stop - 1):
                 if (t + 1) % cfg.log_every == 0:
-                    row = {"step": t + 1, "loss": _to_json(losses[t - s])}
-                    if schedule is not None:
-                        with jax.numpy_dtype_promotion("standard"):
-                            row["lr"] = float(schedule(t))
-                    rows.append(row)
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(row) + "\n")
-            bar.update(stop - 1 - s)
-            s, loss = stop - 1, losses[-1]
-            n = s + 1
+                    record(loss_row(t, losses[t - s]))
+            n = stop
             final = n == cfg.steps
-            row = None
-            if n % cfg.log_every == 0 or final:
-                row = {"step": n, "loss": _to_json(loss)}
-                if schedule is not None:
-                    with jax.numpy_dtype_promotion("standard"):
-                        row["lr"] = float(schedule(s))
+            row = loss_row(n - 1, losses[-1]) if n % cfg.log_every == 0 or final else None
             if floor is not None and (n % cfg.eval_every == 0 or final):
                 ev = run_eval(model, n)
                 row = row or {"step": n}
@@ -763,15 +761,12 @@ def _run(
                 )
                 last_eval = (np.mean(row["excess"]), np.mean(row["excess_pct"]))
             if row is not None:
-                rows.append(row)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                record(row)
                 post = {"loss": f"{np.mean(row['loss']):.4f}"} if "loss" in row else {}
                 if last_eval is not None:
                     post["excess"] = f"{last_eval[0]:.4f} ({last_eval[1]:.1f}%)"
                 bar.set_postfix(post, refresh=False)
-            bar.update(1)
+            bar.update(stop - s)
             if manager is not None and (final or (cfg.checkpoint_every and n % cfg.checkpoint_every == 0)):
                 save_checkpoint(
                     run_dir,
@@ -784,7 +779,7 @@ def _run(
                     extra={"source_fingerprint": fingerprint, "stacked": stacked},
                     _manager_=manager,
                 )
-            s = n
+            s = stop
     finally:
         bar.close()
         if metrics_file is not None:
