@@ -32,15 +32,12 @@ WORKLOADS = {"light": (4, 3), "medium": (6, 5), "experiment": (10, 8)}
 
 
 def make_point_fn(depth, distinct_depth):
-    import jax.numpy as jnp
-
     import sfpjax
 
     def point_fn(p):
         process = sfpjax.mess3(p["x"], p["a"])
         myopic = sfpjax.myopic_entropies(process, depth)
-        beliefs, probs = sfpjax.word_beliefs(process, distinct_depth)
-        spread = jnp.sqrt(probs @ ((beliefs - (probs @ beliefs)[None, :]) ** 2).sum(-1))
+        spread = sfpjax.belief_spread(process, distinct_depth)
         return {"h": myopic[-1], "distinct": sfpjax.num_distinct_beliefs(process, distinct_depth), "spread": spread}
 
     return point_fn

@@ -64,8 +64,7 @@ def exact_statistics(config: Config):
     def point(p):
         process = sfpjax.mess3(p["x"], p["a"])
         myopic = sfpjax.myopic_entropies(process, config.depth)
-        beliefs, probs = sfpjax.word_beliefs(process, config.distinct_depth)
-        spread = jnp.sqrt(probs @ ((beliefs - (probs @ beliefs)[None, :]) ** 2).sum(-1))
+        spread = sfpjax.belief_spread(process, config.distinct_depth)
         return {
             "entropy_rate_bound": myopic[-1],
             "excess_entropy_partial": (myopic - myopic[-1]).sum(),

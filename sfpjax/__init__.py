@@ -45,6 +45,7 @@ from ._beliefs import filter_beliefs as filter_beliefs
 from ._beliefs import next_token_probs as next_token_probs
 from ._beliefs import sequence_log_prob as sequence_log_prob
 from ._mixed_state import MixedStatePresentation as MixedStatePresentation
+from ._mixed_state import belief_spread as belief_spread
 from ._mixed_state import entropy_rate as entropy_rate
 from ._mixed_state import mixed_state_presentation as mixed_state_presentation
 from ._mixed_state import myopic_entropies as myopic_entropies

@@ -19,9 +19,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._beliefs import _check_process, filter_beliefs
 from ._ghmm import GHMM
 from ._sampling import sample
+from ._structure import _entropy
 
 __all__ = [
     "MixedStatePresentation",
+    "belief_spread",
     "entropy_rate",
     "mixed_state_presentation",
     "myopic_entropies",
@@ -32,11 +34,6 @@ __all__ = [
 # Enumerating V**n words is exact but exponential; past this many rows use the merged
 # mixed-state presentation instead.
 _MAX_ENUMERATED_WORDS = 1 << 24
-
-
-def _entropy(p: Array) -> Array:
-    safe = jnp.where(p > 0, p, 1.0)
-    return -(p * jnp.log(safe)).sum(-1)
 
 
 # Below this many states, contractions over the state index are unrolled into elementwise
@@ -155,6 +152,23 @@ def num_distinct_beliefs(process: GHMM, depth: int, *, decimals: int = 6) -> Int
     new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(s[1:] != s[:-1], axis=-1)])
     valid = jnp.isfinite(s[:, 0])
     return jnp.sum(new & valid)
+
+
+@eqx.filter_jit
+def belief_spread(process: GHMM, depth: int) -> Float[Array, ""]:
+    """How spread out the beliefs are after ``depth`` symbols, as one number.
+
+    The probability-weighted RMS distance of ``<<eta(w)|`` to its mean over all words ``w``
+    of length ``depth``: ``sqrt(sum_w Pr(w) ||eta(w) - sum_v Pr(v) eta(v)||^2)``. Zero for
+    a process whose belief does not depend on the past. Jittable and vmappable (sweeps).
+
+    >>> import sfpjax
+    >>> float(sfpjax.belief_spread(sfpjax.coin(), 3))
+    0.0
+    """
+    beliefs, probs = word_beliefs(process, depth)
+    mean = probs @ beliefs
+    return jnp.sqrt(probs @ ((beliefs - mean[None, :]) ** 2).sum(-1))
 
 
 class MixedStatePresentation(NamedTuple):

@@ -86,3 +86,17 @@ def test_bad_depths():
         sfpjax.myopic_entropies(p, 40)
     with pytest.raises(ValueError, match="burn_in"):
         sfpjax.entropy_rate(p, key=jr.key(0), seq_len=10, burn_in=10)
+
+
+def test_belief_spread_brute_force():
+    from oracles import word_prob_and_belief, words
+
+    T, eta0, right = small_process("hmm")
+    pairs = [word_prob_and_belief(T, eta0, right, w) for w in words(3, 3)]
+    probs = np.array([p for p, _ in pairs])
+    beliefs = np.stack([b for _, b in pairs])
+    mean = probs @ beliefs
+    expected = np.sqrt(probs @ ((beliefs - mean) ** 2).sum(-1))
+    got = sfpjax.belief_spread(sfpjax.GHMM(T, eta0, right, dtype=jnp.float64), 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert float(sfpjax.belief_spread(sfpjax.coin(), 4)) == 0.0
