@@ -148,10 +148,10 @@ def _leaf_factors(process: GHMM) -> list[GHMM]:
 
 
 def _factored_step(factors: list[GHMM]):
-    """Step on one belief ``(d_f, B)`` per factor of a product process.
+    """Step on one belief per factor of a product process, each a tuple of ``d_f`` rows ``(B,)``.
 
     With a single factor (any process filtered on its full state space) this is the joint
-    step on ``(d, B)``.
+    step.
     The joint normalizer is the product of the factor normalizers; an impossible joint step
     (product not positive) leaves every factor unchanged, as the joint step leaves the
     joint belief, and dividing each factor by its own normalizer then gives exactly the
@@ -172,11 +172,13 @@ def _factored_step(factors: list[GHMM]):
         for _, n in parts[1:]:
             norm = norm * n
         ok = norm > 0
+        # Each factor's belief is a tuple of (B,) rows, never stacked inside the step: XLA
+        # would fuse the whole update into the concatenation, which it emits as a scalar
+        # loop (measured 4x slower on Mess3 than separate vector loops per row).
         new = []
-        # Per-row expressions keep each update a single fused vector loop per state.
         for (unnorm, n), eta in zip(parts, etas):
             inv = 1.0 / jnp.where(ok, n, jnp.ones((), n.dtype))
-            new.append(jnp.stack([jnp.where(ok, unnorm[j] * inv, eta[j]) for j in range(eta.shape[0])]))
+            new.append(tuple(jnp.where(ok, unnorm[j] * inv, eta[j]) for j in range(len(eta))))
         return tuple(new), norm
 
     return step
@@ -190,8 +192,9 @@ def _factor_update(process: GHMM):
 
     def update(eta, x):
         if elementwise:
-            return _step_elementwise(T, right, [eta[i] for i in range(d)], x)
-        return _step_gemm(Tm, right, eta, x)
+            return _step_elementwise(T, right, eta, x)
+        unnorm, norm = _step_gemm(Tm, right, jnp.stack(eta), x)
+        return [unnorm[j] for j in range(d)], norm
 
     return update
 
@@ -213,7 +216,7 @@ _CHUNK = 512
 
 
 def _filter_into(
-    step, etas: tuple[Array, ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array, V: int
+    step, etas: tuple[tuple[Array, ...], ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array, V: int
 ) -> tuple[Array, Array]:
     """Run ``step`` over all ``L`` tokens, writing ``(B, L, d)`` beliefs and ``(B, L)`` logs.
 
@@ -233,14 +236,14 @@ def _filter_into(
             # Checked block by block while in cache: a separate pass would read all tokens again.
             tok = _check_tokens(V, jax.lax.dynamic_slice(tokens, (b0, t0), (nb, n))).T
             etas, (stack, norms) = jax.lax.scan(scan_step, etas, tok)
-            rows = _kron_rows(list(stack)).reshape(n * d, nb)
+            rows = _kron_rows([jnp.stack(rows, axis=1) for rows in stack]).reshape(n * d, nb)
             pos = norms > 0
             logs = jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
             beliefs = jax.lax.dynamic_update_slice(beliefs, rows.T.reshape(nb, n, d), (b0, t0, 0))
             lognorm = jax.lax.dynamic_update_slice(lognorm, logs.T, (b0, t0))
             return etas, beliefs, lognorm
 
-        start = tuple(jax.lax.dynamic_slice_in_dim(e, b0, nb, axis=1) for e in etas)
+        start = tuple(tuple(jax.lax.dynamic_slice_in_dim(e, b0, nb) for e in rows) for rows in etas)
         nblocks, rest = divmod(L, _BLOCK)
         carry = (start, beliefs, lognorm)
         if nblocks:
@@ -258,6 +261,10 @@ def _filter_into(
     return out
 
 
+def _rows(eta: Array) -> tuple[Array, ...]:
+    return tuple(eta[j] for j in range(eta.shape[0]))
+
+
 def _filter_impl(process, tokens, initial, out):
     batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
     d = process.num_states
@@ -266,13 +273,13 @@ def _filter_impl(process, tokens, initial, out):
     factors = _leaf_factors(process) if initial is None else [process]
     step = _factored_step(factors)
     if len(factors) > 1:
-        etas = tuple(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B)) for f in factors)
+        etas = tuple(_rows(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B))) for f in factors)
     else:
         if initial is None:
             eta0 = jnp.broadcast_to(process.eta0[:, None], (d, B))
         else:
             eta0 = jnp.broadcast_to(initial, batch_shape + (d,)).reshape(B, d).T
-        etas = (eta0,)
+        etas = (_rows(eta0),)
     if out is None:
         beliefs = jnp.zeros((B, L, d), process.dtype)
         lognorm = jnp.zeros((B, L), process.dtype)
