@@ -275,3 +275,54 @@ def test_many_sequences_match_a_numpy_loop():
         eta = unnorm / norm[:, None]
         np.testing.assert_allclose(out.beliefs[:, t], eta, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(out.log_normalizers[:, t], np.log(norm), rtol=1e-8, atol=1e-10)
+
+
+_SHARDED_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+import sfpjax
+
+assert jax.local_device_count() == 4
+mesh = jax.make_mesh((4,), ("batch",))
+# Per-device batches split into different chunks, whose compiled loops may contract
+# multiply-adds differently: equal up to float32 rounding.
+close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6)
+on_mesh = lambda a: jax.device_put(a, jax.NamedSharding(mesh, jax.P("batch")))
+m = sfpjax.mess3(0.15, 0.6)
+for process in (m, sfpjax.product(m, sfpjax.z1r())):
+    toks = sfpjax.sample(process, key=jax.random.key(1), batch_size=1100, seq_len=37)
+    ref = sfpjax.filter_beliefs(process, toks)
+    got = sfpjax.filter_beliefs(process, on_mesh(toks))
+    assert got.beliefs.sharding.spec[0] == "batch", got.beliefs.sharding
+    close(got.beliefs, ref.beliefs)
+    close(got.log_normalizers, ref.log_normalizers)
+    again = sfpjax.filter_beliefs(process, on_mesh(toks), out=got)  # donated, sharded buffers
+    assert got.beliefs.is_deleted()
+    close(again.beliefs, ref.beliefs)
+    init = jax.random.dirichlet(jax.random.key(2), jnp.ones(process.num_states), (1100,))
+    init = init.astype(process.dtype)
+    ref = sfpjax.filter_beliefs(process, toks, initial=init)
+    got = sfpjax.filter_beliefs(process, on_mesh(toks), initial=init)
+    close(got.beliefs, ref.beliefs)
+bad = on_mesh(jnp.full((8, 5), 3, jnp.int32))
+try:
+    jax.block_until_ready(sfpjax.filter_beliefs(m, bad))
+except Exception as e:
+    assert "outside the alphabet" in str(e), e
+else:
+    raise AssertionError("tokens outside the alphabet were accepted on the sharded path")
+print("ok")
+"""
+
+
+def test_tokens_sharded_over_devices_filter_per_device_and_match_one_device():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
