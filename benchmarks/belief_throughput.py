@@ -11,10 +11,16 @@ interleaved within every round after compiling:
                   ``out=`` the previous round's result, so its output buffers are reused
                   round to round, as the numba kernel's preallocated output is;
 * ``sfpjax_fresh`` the same call without ``out=`` (fresh output buffers every call);
+* ``sfpjax_1dev`` the ``out=`` call with the tokens on one device (JAX's default placement);
 * ``numpy``       a float64 NumPy loop over time, vectorized over the batch (the reference);
 * ``dynamax``     ``dynamax.hidden_markov_model.hmm_filter`` under ``jax.vmap``;
 * ``vmap_scan``   ``jax.vmap`` of a per-sequence ``lax.scan`` of ``sfpjax.belief_update``;
 * ``numba``       a ``numba`` ``prange`` kernel writing into a preallocated output.
+
+JAX starts with one CPU device per core (``--devices``, default ``os.cpu_count()``) and the
+tokens are split over them along the batch axis, so ``filter_beliefs`` filters every
+device's sequences at once; ``dynamax`` and ``vmap_scan`` get the same split tokens (XLA
+partitions their batch the same way) and numba's ``prange`` uses every core itself.
 
 Every method is checked against the float64 reference first (on a slice of the batch).
 Reported: updates/s (one update = one token of one sequence), compile time, the median
@@ -36,10 +42,17 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-import sfpjax
+if __name__ == "__main__":
+    # The device count must be set before any JAX work, including what the imports below do.
+    _early = argparse.ArgumentParser(add_help=False)
+    _early.add_argument("--devices", type=int, default=os.cpu_count())
+    jax.config.update("jax_num_cpu_devices", _early.parse_known_args()[0].devices)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sfpjax  # noqa: E402
 
 try:
     import numba
@@ -185,8 +198,10 @@ def check(name, out, ref_beliefs, ref_lognorm, n):
 
 def bench_case(label, process, B, L, rounds, methods, key):
     d = process.num_states
-    tokens = sfpjax.sample(process, key=key, batch_size=B, seq_len=L)
-    tokens_np = np.asarray(tokens)
+    tokens_1dev = sfpjax.sample(process, key=key, batch_size=B, seq_len=L)
+    tokens_np = np.asarray(tokens_1dev)
+    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    tokens = jax.device_put(tokens_1dev, jax.NamedSharding(mesh, jax.P("batch")))
     n_ref = min(B, 512)
     ref_b, ref_l = numpy_filter(process.T, process.right, process.eta0, tokens_np[:n_ref])
     sfpjax_process = process
@@ -195,15 +210,20 @@ def bench_case(label, process, B, L, rounds, methods, key):
 
     reused = {}
 
-    def sfpjax_reuse():
-        # The previous result is donated: its buffers become this call's output.
-        reused["out"] = sfpjax.filter_beliefs(sfpjax_process, tokens, out=reused.get("out"))
-        return reused["out"]
+    def reuse(name, toks):
+        def run():
+            # The previous result is donated: its buffers become this call's output.
+            reused[name] = sfpjax.filter_beliefs(sfpjax_process, toks, out=reused.get(name))
+            return reused[name]
+
+        return run
 
     fns = {
-        "sfpjax": sfpjax_reuse,
+        "sfpjax": reuse("sfpjax", tokens),
         "sfpjax_fresh": lambda: sfpjax.filter_beliefs(sfpjax_process, tokens),
     }
+    if jax.device_count() > 1:
+        fns["sfpjax_1dev"] = reuse("sfpjax_1dev", tokens_1dev)
     if "numpy" in methods:
         fns["numpy"] = lambda: numpy_filter(process.T, process.right, process.eta0, tokens_np)
     if "dynamax" in methods and hmm_filter is not None:
@@ -223,10 +243,10 @@ def bench_case(label, process, B, L, rounds, methods, key):
         compile_s[name] = time.perf_counter() - t0
         errs[name] = check(name, out, ref_b, ref_l, n_ref)
         del out
-    if "out" in reused:  # the reused result itself must still be right after many reuses
-        _block(sfpjax_reuse())
-        _block(sfpjax_reuse())
-        errs["sfpjax"] = check("sfpjax", reused["out"], ref_b, ref_l, n_ref)
+    for name in reused:  # the reused result itself must still be right after many reuses
+        _block(fns[name]())
+        _block(fns[name]())
+        errs[name] = check(name, reused[name], ref_b, ref_l, n_ref)
 
     times = {name: [] for name in fns}
     for r in range(rounds):
@@ -265,11 +285,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 9, quick 3)")
     ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 4096 16384)")
     ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--devices", type=int, default=os.cpu_count(),
+                    help="CPU devices JAX starts with, the batch split over them (default: one per core)")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     batches = args.batch or ([4096] if args.quick else [4096, 16384])
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
           f"numba {'absent' if numba is None else numba.__version__}; "
           f"dynamax {'absent' if hmm_filter is None else 'present'}; "
@@ -285,11 +307,14 @@ def main():
             summary.append((label, B, bench_case(label, proc, B, args.length, rounds, slow, sub)))
     print("\n## summary: median per-round ratio method time / sfpjax time (out= reuse; fresh in brackets)")
     names = [n for n in ("dynamax", "vmap_scan", "numba") if any(n in rows for _, _, rows in summary)]
-    print("| case | sfpjax M upd/s | sfpjax_fresh M upd/s | " + " | ".join(f"x {n}" for n in names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
+    one = lambda rows: f"{rows['sfpjax_1dev'][0]:.1f}" if "sfpjax_1dev" in rows else "-"
+    print("| case | sfpjax M upd/s | sfpjax_fresh M upd/s | sfpjax 1 device M upd/s | "
+          + " | ".join(f"x {n}" for n in names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names))
     for label, B, rows in summary:
         cells = [f"{rows[n][1]:.2f} ({rows[n][2]:.2f})" if n in rows else "-" for n in names]
-        print(f"| {label}, B={B} | {rows['sfpjax'][0]:.1f} | {rows['sfpjax_fresh'][0]:.1f} | " + " | ".join(cells) + " |")
+        print(f"| {label}, B={B} | {rows['sfpjax'][0]:.1f} | {rows['sfpjax_fresh'][0]:.1f} | {one(rows)} | "
+              + " | ".join(cells) + " |")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
