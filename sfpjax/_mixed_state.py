@@ -36,26 +36,29 @@ __all__ = [
 _MAX_ENUMERATED_WORDS = 1 << 24
 
 
-# Below this many states, contractions over the state index are unrolled into elementwise
-# multiply-adds: XLA:CPU runs those ~2x faster than tiny dot products (Mess3 depth 10).
-_UNROLL_STATES = 8
+def _extend(process: GHMM, unnorm: Float[Array, "d n"]) -> Float[Array, "d m"]:
+    """Extend every word of a level by every symbol: column ``x * n + w`` of the result is
+    ``<<eta(0)|T(w x)|`` for word column ``w`` of ``unnorm`` and symbol ``x``.
+
+    Words are the minor axis, so a level is one ``(V d, d) x (d, n)`` product with a long
+    ``n``, also under ``vmap`` over a parameter grid (measured on a 2-core CPU: 1.7x faster
+    per Mess3 point at depth 10 than words as rows with unrolled state contractions).
+    Words stay unnormalized so ``Pr(w) = <<eta(0)|T(w)|1>>`` is exact, up to the common
+    per-level rescaling done by the callers.
+    """
+    V, d, _ = process.T.shape
+    Tm = jnp.swapaxes(process.T, 1, 2).reshape(V * d, d)  # row (x, j), column i: T[x, i, j]
+    children = (Tm @ unnorm).reshape(V, d, -1)
+    return jnp.swapaxes(children, 0, 1).reshape(d, -1)
 
 
-def _rowvec_times(unnorm: Float[Array, "n d"], M: Float[Array, "d ..."]) -> Float[Array, "n ..."]:
-    """``unnorm @ M`` over the leading axis of ``M``, unrolled for small ``d``."""
-    d = unnorm.shape[-1]
-    if d > _UNROLL_STATES:
-        return jnp.tensordot(unnorm, M, axes=1)
-    extra = (None,) * (M.ndim - 1)
-    return sum(unnorm[(slice(None), i) + extra] * M[i][None] for i in range(d))
-
-
-def _children(process: GHMM, unnorm: Float[Array, "n d"]) -> Float[Array, "m d"]:
-    # Unnormalized row vectors <<eta(0)|T(w x)| for every word w in the level and symbol x;
-    # words stay unnormalized so Pr(w) = <<eta(0)|T(w)|1>> is exact, with a per-level
-    # rescaling to keep the numbers in range.
-    d = process.T.shape[-1]
-    return _rowvec_times(unnorm, jnp.swapaxes(process.T, 0, 1)).reshape(-1, d)
+def _word_columns(process: GHMM, length: int) -> Float[Array, "d n"]:
+    """``<<eta(0)|T(w)|`` for all ``V**length`` words as columns, word ``x_1..x_n`` at
+    column ``sum_t x_t V**(t - 1)`` (last symbol most significant)."""
+    unnorm = process.eta0[:, None]
+    for _ in range(length):
+        unnorm = _extend(process, unnorm)
+    return unnorm
 
 
 def _check_depth(process: GHMM, depth: int, name: str) -> int:
@@ -85,9 +88,10 @@ def word_beliefs(process: GHMM, length: int) -> tuple[Float[Array, "n d"], Float
     """
     _check_process(process)
     length = _check_depth(process, length, "length")
-    unnorm = process.eta0[None, :]
-    for _ in range(length):
-        unnorm = _children(process, unnorm)
+    V = process.vocab_size
+    # Reverse the digits of the column index: row sum_t x_t V**(n - t), first symbol most significant.
+    rows = np.arange(V**length).reshape((V,) * length).transpose().ravel()
+    unnorm = _word_columns(process, length)[:, rows].T
     probs = unnorm @ process.right
     ok = probs > 0
     beliefs = jnp.where(ok[:, None], unnorm / jnp.where(ok, probs, 1.0)[:, None], 0.0)
@@ -114,18 +118,18 @@ def myopic_entropies(process: GHMM, max_depth: int) -> Float[Array, " depth"]:
     _check_process(process)
     max_depth = _check_depth(process, max_depth, "max_depth")
     Tr = process.T @ process.right  # (V, d)
-    unnorm = process.eta0[None, :]
+    unnorm = process.eta0[:, None]
     out = []
     for n in range(max_depth + 1):
-        joint = jnp.maximum(_rowvec_times(unnorm, Tr.T), 0.0)  # Pr(w x) for every word w, symbol x
-        pw = joint.sum(-1)
+        joint = jnp.maximum(Tr @ unnorm, 0.0)  # Pr(w x) for every word w, symbol x: (V, n)
+        pw = joint.sum(0)
         # sum_w Pr(w) H[Pr(.|w)] = H(words of length n+1) - H(words of length n): one log
         # per word instead of a division and V logs.
         out.append((_entropy(joint.reshape(-1)) - _entropy(pw)) / pw.sum())
         if n < max_depth:
-            unnorm = _children(process, unnorm)
+            unnorm = _extend(process, unnorm)
             # Renormalize the whole level (a common scale) so long words do not underflow.
-            unnorm = unnorm / (unnorm @ process.right).sum()
+            unnorm = unnorm / (process.right @ unnorm).sum()
     return jnp.stack(out)
 
 

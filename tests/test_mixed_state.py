@@ -7,7 +7,7 @@ import pytest
 import sfpjax
 from oracles import small_process, z1r_T
 from oracles import myopic_entropies as oracle_myopic
-from oracles import random_ghmm, random_hmm, stationary
+from oracles import random_ghmm, random_hmm, stationary, word_prob_and_belief, words
 
 
 @pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
@@ -100,3 +100,15 @@ def test_belief_spread_brute_force():
     got = sfpjax.belief_spread(sfpjax.GHMM(T, eta0, right, dtype=jnp.float64), 3)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert float(sfpjax.belief_spread(sfpjax.coin(), 4)) == 0.0
+
+
+def test_word_beliefs_rows_follow_the_documented_word_order():
+    # Row sum_t x_t V**(n - t): first symbol most significant, checked word by word.
+    rng = np.random.default_rng(5)
+    T, eta0, right = random_ghmm(rng, 3, 2)
+    b, pw = sfpjax.word_beliefs(sfpjax.GHMM(T, eta0, right, dtype=jnp.float64), 4)
+    for row, w in enumerate(words(3, 4)):
+        assert row == sum(x * 3 ** (3 - t) for t, x in enumerate(w))
+        p, belief = word_prob_and_belief(T, eta0, right, w)
+        np.testing.assert_allclose(pw[row], p, atol=1e-12)
+        np.testing.assert_allclose(b[row], belief, atol=1e-9)
