@@ -61,6 +61,16 @@ def _word_columns(process: GHMM, length: int) -> Float[Array, "d n"]:
     return unnorm
 
 
+def _word_column_beliefs(process: GHMM, length: int) -> tuple[Float[Array, "d n"], Float[Array, " n"]]:
+    """Beliefs ``(d, n)`` and probabilities of all words in :func:`_word_columns` order;
+    impossible words get probability 0 and a zero belief."""
+    unnorm = _word_columns(process, length)
+    probs = process.right @ unnorm
+    ok = probs > 0
+    beliefs = jnp.where(ok[None, :], unnorm / jnp.where(ok, probs, 1.0)[None, :], 0.0)
+    return beliefs, jnp.where(ok, probs, 0.0)
+
+
 def _check_depth(process: GHMM, depth: int, name: str) -> int:
     depth = int(depth)
     if depth < 0:
@@ -91,11 +101,8 @@ def word_beliefs(process: GHMM, length: int) -> tuple[Float[Array, "n d"], Float
     V = process.vocab_size
     # Reverse the digits of the column index: row sum_t x_t V**(n - t), first symbol most significant.
     rows = np.arange(V**length).reshape((V,) * length).transpose().ravel()
-    unnorm = _word_columns(process, length)[:, rows].T
-    probs = unnorm @ process.right
-    ok = probs > 0
-    beliefs = jnp.where(ok[:, None], unnorm / jnp.where(ok, probs, 1.0)[:, None], 0.0)
-    return beliefs, jnp.where(ok, probs, 0.0)
+    beliefs, probs = _word_column_beliefs(process, length)
+    return beliefs[:, rows].T, probs[rows]
 
 
 @eqx.filter_jit
@@ -148,13 +155,13 @@ def num_distinct_beliefs(process: GHMM, depth: int, *, decimals: int = 6) -> Int
     >>> int(sfpjax.num_distinct_beliefs(sfpjax.coin(), 4))
     1
     """
-    beliefs, probs = word_beliefs(process, depth)
+    _check_process(process)
+    beliefs, probs = _word_column_beliefs(process, _check_depth(process, depth, "depth"))
     keys = jnp.round(beliefs * 10.0**decimals)
-    keys = jnp.where((probs > 0)[:, None], keys, jnp.inf) + 0.0
-    order = jnp.lexsort(keys.T[::-1])
-    s = keys[order]
-    new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(s[1:] != s[:-1], axis=-1)])
-    valid = jnp.isfinite(s[:, 0])
+    keys = jnp.where((probs > 0)[None, :], keys, jnp.inf) + 0.0
+    s = keys[:, jnp.lexsort(keys)]
+    new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(s[:, 1:] != s[:, :-1], axis=0)])
+    valid = jnp.isfinite(s[0])
     return jnp.sum(new & valid)
 
 
@@ -170,9 +177,10 @@ def belief_spread(process: GHMM, depth: int) -> Float[Array, ""]:
     >>> float(sfpjax.belief_spread(sfpjax.coin(), 3))
     0.0
     """
-    beliefs, probs = word_beliefs(process, depth)
-    mean = probs @ beliefs
-    return jnp.sqrt(probs @ ((beliefs - mean[None, :]) ** 2).sum(-1))
+    _check_process(process)
+    beliefs, probs = _word_column_beliefs(process, _check_depth(process, depth, "depth"))
+    mean = beliefs @ probs
+    return jnp.sqrt(((beliefs - mean[:, None]) ** 2).sum(0) @ probs)
 
 
 class MixedStatePresentation(NamedTuple):
