@@ -179,6 +179,25 @@ def test_steering_one_factor_of_an_independent_model_leaves_the_other_untouched(
     np.testing.assert_allclose(out1.kl_steered, 0.0, atol=1e-6)
 
 
+
+def test_final_layer_norm_undoes_preserve_norm_and_spreads_a_one_factor_vector(getkey):
+    model, cfg = _independent_factor_model(getkey())
+    # Residuals far above the LayerNorm's epsilon (1e-5), as in a trained model; at the
+    # initialization scale the epsilon itself would make the LayerNorm scale-dependent.
+    model = eqx.tree_at(lambda m: (m.W_E, m.W_pos), model, (100.0 * model.W_E, 100.0 * model.W_pos))
+    tokens = jr.randint(getkey(), (6, 6), 0, 4)
+    v0 = jnp.zeros(16, jnp.float32).at[:4].set(2.0 * jr.normal(getkey(), (4,), jnp.float32))
+    scales = jnp.array([0.5, 1.0, 3.0])
+    plain = sfpjax.steering_sweep(model, tokens, SITE, v0, scales)
+    kept = sfpjax.steering_sweep(model, tokens, SITE, v0, scales, preserve_norm=True)
+    # The final LayerNorm divides by the residual's scale, so rescaling it first changes nothing.
+    np.testing.assert_allclose(kept, plain, atol=1e-4)
+    # Before the LayerNorm the same factor-0 vector shifts the mean and the scale of the whole
+    # residual, so factor 1's logits move too; after it (previous test) they do not.
+    out = sfpjax.evaluate_steering(model, tokens, SITE, v0, scales, factor=0, vocab_sizes=(2, 2),
+                                   target_marginal=jnp.array([0.5, 0.5]))
+    assert float(out.kl_unsteered[-1]) > 1e-4
+
 def test_exact_kls_and_token_classes_in_sweep(getkey):
     model, cfg = _model(getkey())
     tokens = jr.randint(getkey(), (3, 6), 0, 4)
