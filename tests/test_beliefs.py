@@ -284,7 +284,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 import sfpjax
 
 assert jax.local_device_count() == 4
-mesh = jax.make_mesh((4,), ("batch",))
+mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
 # Per-device batches split into different chunks, whose compiled loops may contract
 # multiply-adds differently: equal up to float32 rounding.
 close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6)
