@@ -383,6 +383,10 @@ def filter_beliefs(
     >>> res.beliefs.shape, res.log_prob.shape
     ((1, 4, 3), (1,))
     >>> res = sfpjax.filter_beliefs(p, toks, out=res)  # reuses (and invalidates) the old buffers
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    >>> split = jax.device_put(jnp.zeros((8, 16), jnp.int32), jax.NamedSharding(mesh, jax.P("batch")))
+    >>> sfpjax.filter_beliefs(p, split).beliefs.shape  # each device filters its own sequences
+    (8, 16, 3)
     """
     _check_process(process)
     tokens = jnp.asarray(tokens)
