@@ -40,7 +40,10 @@ Training length matters for spillover even when the loss is already at the floor
 with this config at 3000 steps the final-position activation norm is ~30 and centroid spillover
 at scale 1 was 0.27 (ln_final site 0.12); at 10000 steps the norm is ~130-280, the factor
 predictions sharper, and the spillover 0.030 (ln_final site 0.006). The default trains 10000
-steps.
+steps. The other way round, a model far from the floor gives KLs of the seed's size: with
+``--preset tiny`` (84% above the floor) the scale-0 KL(target-model || steered) is 0.12 and the
+steered-factor KL at scale 1 is 0.08, where a model at the floor must give at least log 2 per pair
+at scale 0 (see the report's notes).
 
 Writes config.json, results.json, report.md and plots into --out.
 """
