@@ -114,33 +114,29 @@ def belief_update(
 _ELEMENTWISE_MAX_MACS = 256
 
 
-def _step_elementwise(T, right, rows, x):
-    # Small processes: written as (B,)-vector arithmetic so XLA emits a handful of fused,
-    # vectorized loops per step instead of a GEMM call plus a selection pass.
+def _step_elementwise(T, eta, x):
+    # Small processes: <<eta|T(x) as a sum over i of (row i of eta) x (row i of T(x)), each
+    # row of T(x) picked per column by a chain of selects. Every operation is elementwise on
+    # (d, B), so XLA emits the update as one vectorized loop (no dot, no concatenation).
     V, d, _ = T.shape
-    unnorm = []
-    for j in range(d):
-        acc = None
-        for v in range(V):
-            c = rows[0] * T[v, 0, j]
-            for i in range(1, d):
-                c = c + rows[i] * T[v, i, j]
-            acc = c if acc is None else jnp.where(x == v, c, acc)
-        unnorm.append(acc)
-    norm = unnorm[0] * right[0]
-    for j in range(1, d):
-        norm = norm + unnorm[j] * right[j]
-    return unnorm, norm
+    unnorm = None
+    for i in range(d):
+        row = T[V - 1, i, :, None]
+        for v in range(V - 2, -1, -1):
+            row = jnp.where((x == v)[None, :], T[v, i, :, None], row)
+        term = eta[i][None, :] * row
+        unnorm = term if unnorm is None else unnorm + term
+    return unnorm
 
 
-def _step_gemm(Tm, right, eta, x):
+def _step_gemm(Tm, eta, x):
     # One (V*d, d) x (d, B) product gives every symbol's update; each column keeps its own.
     V = Tm.shape[0] // eta.shape[0]
     cand = (Tm @ eta).reshape(V, eta.shape[0], -1)
     unnorm = cand[0]
     for v in range(1, V):
         unnorm = jnp.where((x == v)[None, :], cand[v], unnorm)
-    return unnorm, right @ unnorm
+    return unnorm
 
 
 def _leaf_factors(process: GHMM) -> list[GHMM]:
@@ -150,7 +146,7 @@ def _leaf_factors(process: GHMM) -> list[GHMM]:
 
 
 def _factored_step(factors: list[GHMM]):
-    """Step on one belief per factor of a product process, each a tuple of ``d_f`` rows ``(B,)``.
+    """Step on one belief ``(d_f, B)`` per factor of a product process.
 
     With a single factor (any process filtered on its full state space) this is the joint
     step.
@@ -170,33 +166,35 @@ def _factored_step(factors: list[GHMM]):
 
     def step(etas, x):
         parts = [upd(eta, symbol(x, k)) for k, (upd, eta) in enumerate(zip(updates, etas))]
+        # Materialize the unnormalized updates and normalizers: otherwise XLA fuses them
+        # into every consumer, recomputing each d times (measured 4x slower on Mess3).
+        parts = jax.lax.optimization_barrier(parts)
         norm = parts[0][1]
         for _, n in parts[1:]:
             norm = norm * n
         ok = norm > 0
-        # Each factor's belief is a tuple of (B,) rows, never stacked inside the step: XLA
-        # would fuse the whole update into the concatenation, which it emits as a scalar
-        # loop (measured 4x slower on Mess3 than separate vector loops per row).
         new = []
         for (unnorm, n), eta in zip(parts, etas):
             inv = 1.0 / jnp.where(ok, n, jnp.ones((), n.dtype))
-            new.append(tuple(jnp.where(ok, unnorm[j] * inv, eta[j]) for j in range(len(eta))))
+            new.append(jnp.where(ok[None, :], unnorm * inv[None, :], eta))
         return tuple(new), norm
 
     return step
 
 
 def _factor_update(process: GHMM):
+    """``eta (d, B), x (B,) -> (<<eta|T(x) (d, B), <<eta|T(x)|1>> (B,))``, column by column."""
     V, d, _ = process.T.shape
     T, right = process.T, process.right
     elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
     Tm = jnp.swapaxes(T, 1, 2).reshape(V * d, d)
 
     def update(eta, x):
-        if elementwise:
-            return _step_elementwise(T, right, eta, x)
-        unnorm, norm = _step_gemm(Tm, right, jnp.stack(eta), x)
-        return [unnorm[j] for j in range(d)], norm
+        unnorm = _step_elementwise(T, eta, x) if elementwise else _step_gemm(Tm, eta, x)
+        norm = unnorm[0] * right[0]
+        for j in range(1, d):
+            norm = norm + unnorm[j] * right[j]
+        return unnorm, norm
 
     return update
 
@@ -210,15 +208,22 @@ def _kron_rows(blocks: list[Array]) -> Array:
     return out
 
 
-# Time steps per block and sequences per chunk: a block's beliefs (Lb, d, Bc) stay in cache
-# while they are transposed to the output layout, and the big output is only ever written in
-# place. Measured on a 2-core CPU with 2 MB of L2 per core.
+# Time steps per block, and belief entries per chunk (sequences per chunk times the summed
+# factor dimensions): a block's beliefs (Lb, d, Bc) stay in cache while they are transposed
+# to the output layout, the big output is only ever written in place, and each step's loop
+# stays below the size at which XLA:CPU splits a loop over its thread pool (measured on a
+# 2-core CPU with 2 MB of L2 per core: the split costs more than it gains on loops this short).
 _BLOCK = 32
-_CHUNK = 512
+_CHUNK_ENTRIES = 1536
+
+
+def _chunk_size(etas: tuple[Array, ...]) -> int:
+    rows = sum(e.shape[0] for e in etas)
+    return max(64, 1 << int(np.log2(max(1, _CHUNK_ENTRIES // rows))))
 
 
 def _filter_into(
-    step, etas: tuple[tuple[Array, ...], ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array, V: int
+    step, etas: tuple[Array, ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array, V: int
 ) -> tuple[Array, Array]:
     """Run ``step`` over all ``L`` tokens, writing ``(B, L, d)`` beliefs and ``(B, L)`` logs.
 
@@ -238,14 +243,14 @@ def _filter_into(
             # Checked block by block while in cache: a separate pass would read all tokens again.
             tok = _check_tokens(V, jax.lax.dynamic_slice(tokens, (b0, t0), (nb, n))).T
             etas, (stack, norms) = jax.lax.scan(scan_step, etas, tok)
-            rows = _kron_rows([jnp.stack(rows, axis=1) for rows in stack]).reshape(n * d, nb)
+            rows = _kron_rows(list(stack)).reshape(n * d, nb)
             pos = norms > 0
             logs = jnp.where(pos, jnp.log(jnp.where(pos, norms, jnp.ones((), norms.dtype))), -jnp.inf)
             beliefs = jax.lax.dynamic_update_slice(beliefs, rows.T.reshape(nb, n, d), (b0, t0, 0))
             lognorm = jax.lax.dynamic_update_slice(lognorm, logs.T, (b0, t0))
             return etas, beliefs, lognorm
 
-        start = tuple(tuple(jax.lax.dynamic_slice_in_dim(e, b0, nb) for e in rows) for rows in etas)
+        start = tuple(jax.lax.dynamic_slice_in_dim(e, b0, nb, axis=1) for e in etas)
         nblocks, rest = divmod(L, _BLOCK)
         carry = (start, beliefs, lognorm)
         if nblocks:
@@ -254,17 +259,14 @@ def _filter_into(
             carry = block(nblocks * _BLOCK, rest, *carry)
         return carry[1], carry[2]
 
-    nchunks, rest = divmod(B, _CHUNK)
+    size = _chunk_size(etas)
+    nchunks, rest = divmod(B, size)
     out = (beliefs, lognorm)
     if nchunks:
-        out = jax.lax.fori_loop(0, nchunks, lambda i, c: chunk(i * _CHUNK, _CHUNK, *c), out)
+        out = jax.lax.fori_loop(0, nchunks, lambda i, c: chunk(i * size, size, *c), out)
     if rest:
-        out = chunk(nchunks * _CHUNK, rest, *out)
+        out = chunk(nchunks * size, rest, *out)
     return out
-
-
-def _rows(eta: Array) -> tuple[Array, ...]:
-    return tuple(eta[j] for j in range(eta.shape[0]))
 
 
 def _filter_impl(process, tokens, initial, out):
@@ -275,13 +277,13 @@ def _filter_impl(process, tokens, initial, out):
     factors = _leaf_factors(process) if initial is None else [process]
     step = _factored_step(factors)
     if len(factors) > 1:
-        etas = tuple(_rows(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B))) for f in factors)
+        etas = tuple(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B)) for f in factors)
     else:
         if initial is None:
             eta0 = jnp.broadcast_to(process.eta0[:, None], (d, B))
         else:
             eta0 = jnp.broadcast_to(initial, batch_shape + (d,)).reshape(B, d).T
-        etas = (_rows(eta0),)
+        etas = (eta0,)
     if out is None:
         beliefs = jnp.zeros((B, L, d), process.dtype)
         lognorm = jnp.zeros((B, L), process.dtype)
