@@ -5,7 +5,9 @@
 
 1. Exact-statistics sweeps over Mess3(x, a) (myopic entropies, distinct beliefs, belief
    spread): ``sfpjax.run_sweep`` (jit(vmap) over a chunk, sharded over local devices) versus
-   a Python loop that calls the same jitted per-point function once per point.
+   a Python loop that calls the same jitted per-point function once per point. JAX starts
+   with one CPU device per core (``--devices``, default ``os.cpu_count()``); the loop's
+   calls run on the default device, as a plain loop's do.
 2. Scaling with the number of host devices: the same sweep in subprocesses with
    ``--xla_force_host_platform_device_count`` = 1, 2, 4, 8 (forced devices share the
    machine's physical cores, so this measures sharding overhead, not extra hardware).
@@ -151,8 +153,14 @@ def training_vmapped_vs_sequential(k, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--devices", type=int, default=os.cpu_count(),
+                    help="CPU devices JAX starts with for parts 1 and 3 (default: one per core)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.child:  # a child gets its device count from XLA_FLAGS
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.devices)
     if args.child:
         workload, n, rounds = args.child[0], int(args.child[1]), int(args.child[2])
         _, first, sweep_s, n_dev = time_sweep(make_point_fn(*WORKLOADS[workload]), n, rounds)
