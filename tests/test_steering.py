@@ -179,7 +179,6 @@ def test_steering_one_factor_of_an_independent_model_leaves_the_other_untouched(
     np.testing.assert_allclose(out1.kl_steered, 0.0, atol=1e-6)
 
 
-
 def test_final_layer_norm_undoes_preserve_norm_and_spreads_a_one_factor_vector(getkey):
     model, cfg = _independent_factor_model(getkey())
     # Residuals far above the LayerNorm's epsilon (1e-5), as in a trained model; at the
@@ -197,6 +196,7 @@ def test_final_layer_norm_undoes_preserve_norm_and_spreads_a_one_factor_vector(g
     out = sfpjax.evaluate_steering(model, tokens, SITE, v0, scales, factor=0, vocab_sizes=(2, 2),
                                    target_marginal=jnp.array([0.5, 0.5]))
     assert float(out.kl_unsteered[-1]) > 1e-4
+
 
 def test_exact_kls_and_token_classes_in_sweep(getkey):
     model, cfg = _model(getkey())
