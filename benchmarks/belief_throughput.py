@@ -178,9 +178,6 @@ def write_bandwidth(nbytes: int, repeats: int) -> float:
     return nbytes / float(np.median(times))
 
 
-_QUIET_S = 0.05
-
-
 def _block(out):
     return jax.block_until_ready(out)
 
@@ -255,9 +252,10 @@ def bench_case(label, process, B, L, rounds, methods, key):
     for r in range(rounds):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]
         for name in order:
-            # Let the previous method's worker threads stop spinning (numba's OpenMP threads
-            # and XLA's pool both busy-wait after a call), so no call pays for another's.
-            time.sleep(_QUIET_S)
+            # One untimed call first: the previous method's worker threads keep spinning for
+            # a while after it returns (numba's OpenMP threads, XLA's pool), and that cost
+            # belongs to neither; each timed call then follows a call of its own method.
+            _block(fns[name]())
             t0 = time.perf_counter()
             out = _block(fns[name]())
             times[name].append(time.perf_counter() - t0)
