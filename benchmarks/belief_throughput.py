@@ -5,7 +5,8 @@ For the product, sfpjax gets ``sfpjax.product(mess3, mess3)`` (so ``filter_belie
 its factored path: one 3-state belief per factor, the joint belief written as their
 Kronecker product) and every baseline gets the joint 9-state matrices.
 Batch sizes B = 4096 and 16384, L = 256, float32. Methods, timed in one process and
-interleaved within every round after compiling:
+interleaved within every round after compiling (each timed call right after an untimed call
+of the same method, so none pays for another's still-spinning worker threads):
 
 * ``sfpjax``      the public ``sfpjax.filter_beliefs`` (beliefs and log normalizers) with
                   ``out=`` the previous round's result, so its output buffers are reused
