@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
+
+import jax
 
 
 def _parser_for(field: dataclasses.Field, hint):
@@ -41,3 +44,12 @@ def parse_config(cls, argv=None, *, presets: dict[str, dict] | None = None, desc
 
 def config_json(config) -> str:
     return json.dumps(dataclasses.asdict(config), indent=2)
+
+
+def use_every_cpu_core() -> None:
+    """One JAX CPU device per core, so sharded work (sweeps) runs on every core.
+
+    Call before the first JAX computation; on a GPU or TPU machine it only affects the
+    CPU backend.
+    """
+    jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)

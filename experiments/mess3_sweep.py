@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import sfpjax  # noqa: E402
 import sfpjax.plots  # noqa: E402
-from _cli import config_json, parse_config  # noqa: E402
+from _cli import config_json, parse_config, use_every_cpu_core  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,4 +131,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_every_cpu_core()  # the exact sweep is sharded over the devices
     main()
