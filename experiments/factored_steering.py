@@ -6,7 +6,11 @@
 
 Regime (i): Z1R x Z1R (9 joint states, 4 tokens). Regime (ii): the partition-preserving
 semi-factored Z1R of seed 000 (sectors span{S0} + span{S1,SR} per factor, prior mass
-p_matched on the matched block P00 and 1 - p_matched on P11). For each regime: train the
+p_matched on the matched block P00 and 1 - p_matched on P11). ``--p-mismatched q`` moves
+mass q onto the mismatched blocks P01 and P10 (q/2 each; the matched blocks keep the rest in
+the ratio p_matched : 1 - p_matched), so the model also sees sequences in the blocks that
+Table 2 steers into; q = 0 (the default) is seed 000's eq. 2.26, and q = 2 p (1 - p) with
+p = p_matched makes the sector prior a product (no correlation between the factors). For each regime: train the
 seed's transformer, read final-position blocks.1.hook_resid_post activations of held-out
 sequences with exact beliefs, fit probes, then steer every factor between every pair of
 synchronized marginal beliefs (S0, S1, SR) with three methods:
@@ -99,6 +103,7 @@ class Config:
     min_class: int = 10        # a belief class needs this many sequences in both sets
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
     p_matched: float = 0.5
+    p_mismatched: float = 0.0  # prior mass on P01 + P10 in the semi regime (0: seed 000 eq. 2.26)
     probe_ridge: float = 0.0   # ridge of the joint probe used by belief-state steering
     seed: int = 0
 
@@ -114,7 +119,15 @@ def build(regime: str, config: Config):
         z = sfpjax.z1r()
         return sfpjax.product(z, z), (z, z), None
     if regime == "semi":
-        sfp = sfpjax.partitioned_z1r_sfp(config.p_matched)
+        if config.p_mismatched == 0.0:
+            sfp = sfpjax.partitioned_z1r_sfp(config.p_matched)
+        else:
+            p, q = config.p_matched, config.p_mismatched
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"p_mismatched must lie in [0, 1], got {q}.")
+            z = sfpjax.partitioned_z1r()
+            prior = np.array([[p * (1 - q), q / 2], [q / 2, (1 - p) * (1 - q)]])
+            sfp = sfpjax.semi_factored([z, z], [[[0], [1, 2]], [[0], [1, 2]]], prior)
         return sfp.process, sfp.factors, sfp.sectors
     raise ValueError(f"unknown regime {regime!r}; use 'factored' or 'semi'.")
 
@@ -234,6 +247,10 @@ def run_regime(regime: str, config: Config, key):
                         others[f] = bt
                         block = tuple(1 if g == f else 0 for g in range(len(dims)))
                         token_classes = sfpjax.sector_token_classes(factors, sectors, block, others)
+                        # Only sequences in P00 itself: with mass on P01/P10 a factor at S0 does
+                        # not put the other factor at S0.
+                        src = src & np.all([evl["marg"][g][:, 0] > 1 - 1e-6 for g in range(len(dims)) if g != f],
+                                           axis=0)
                 exact_probs = sfpjax.next_token_probs(process, jnp.asarray(evl["beliefs"], jnp.float32))
                 row = dict(factor=f, source=NAMES[int(bs.argmax())], target=NAMES[int(bt.argmax())],
                            n_source=int(src.sum()),
@@ -253,6 +270,7 @@ def run_regime(regime: str, config: Config, key):
     return dict(regime=regime, train_seconds=train_s, excess_loss_pct=float(ev.excess_pct),
                 excess_last_pct=float(ev.excess_last_pct), probe_r2=r2, activation_r2=additivity,
                 other_factor_s0_share=other_s0, factor_swap_symmetric=factor_swap_symmetric(process, dims, vocab),
+                p_mismatched=config.p_mismatched if regime == "semi" else None,
                 pairs=pairs, summary=summary)
 
 
@@ -321,25 +339,27 @@ def _semi_notes(res, scales, i1):
     s1 = [v for k, v in share.items() if not k.endswith("S0")]
     f0, f1 = c["kl_unsteered_factor0"][i1], c["kl_unsteered_factor1"][i1]
     sym = res.get("factor_swap_symmetric")
+    q = res.get("p_mismatched", 0.0)
+    prior = ("prior mass only on the matched blocks P00 and P11" if q == 0 else
+             f"prior mass {q} on the mismatched blocks P01 and P10 and the rest on P00 and P11")
     out = ["### Comparison with seed 001 (semi-factored)", "",
-           f"* Symmetry. The process is seed 000 eq. 2.17-2.26 (both factors the partitioned Z1R, prior mass only "
-           f"on the matched blocks P00 and P11). Exchanging the factors (states (a, b) -> (b, a), symbols "
+           f"* Symmetry. The process is seed 000 eq. 2.17-2.26 (both factors the partitioned Z1R, {prior}). Exchanging the factors (states (a, b) -> (b, a), symbols "
            f"B <-> C) maps it to itself: {sym}. Steering factor 0 and steering factor 1 are therefore the same "
            f"experiment, and no asymmetry between them is expected; the measured spillovers at scale "
            f"{scales[i1]} are {_fmt(f0)} (steering factor 0) and {_fmt(f1)} (steering factor 1), ratio "
            f"{_fmt(max(f0, f1) / max(min(f0, f1), 1e-30))}. The seed reports factor 1 clean and factor 0 spilling "
            f"(0.34 at scale 1) and calls factor 1 'the partition-preserving direction', which suggests a process "
            f"whose factors differ; the seed does not define it, so this contrast is not reproduced here.",
-           f"* Confounded classes. Under this prior a factor in S1 or SR always has the other factor in {{S1, SR}}: "
-           f"the other factor's weight on S0 inside those classes is "
-           f"{_fmt(max(s1) if s1 else float('nan'))} (largest over factors and classes). The centroid of a target "
-           f"S1 or SR class therefore carries the other factor's move out of S0 as well, and steering from P00 "
-           f"lands in P11, not in the unvisited block P10 or P01: the other factor's S0-only prediction is lost "
-           f"(forbidden mass {_fmt(c['forbidden_mass_P10'][i1]) if c['forbidden_mass_P10'] else '—'} for P10 at "
-           f"scale {scales[i1]}). The seed's forbidden mass below 0.001 at scale 1 needs a model that extrapolates "
-           f"to a block it never saw, or a process whose prior visits P10 and P01; the text does not say which. "
-           f"At scale 0 our Table 2 matches the seed (target-class mass 0.5: S1 targets need C, which the source "
-           f"never emits, SR targets accept A, which it always emits).", ""]
+           f"* Confounded classes. Inside a factor's S1 and SR classes the other factor sits at S0 with weight at "
+           f"most {_fmt(max(s1) if s1 else float('nan'))} (largest over factors and classes; 0 under eq. 2.26, "
+           f"where a factor in S1 or SR always has the other in {{S1, SR}}). The centroid of a target S1 or SR class "
+           f"therefore carries (mostly) the other factor's move out of S0 as well, and steering from P00 lands "
+           f"towards P11 rather than in P10 or P01: the other factor's S0-only prediction is lost (forbidden mass "
+           f"{_fmt(c['forbidden_mass_P10'][i1]) if c['forbidden_mass_P10'] else '—'} for P10 at scale "
+           f"{scales[i1]}). The seed's forbidden mass below 0.001 at scale 1 needs a model that extrapolates to a "
+           f"block it never saw, or a process whose prior visits P10 and P01 (`--p-mismatched`); the text does not "
+           f"say which. At scale 0 our Table 2 matches the seed (target-class mass 0.5: S1 targets need C, which "
+           f"the source never emits, SR targets accept A, which it always emits).", ""]
     return out
 
 

@@ -51,3 +51,19 @@ def test_config_overrides_from_the_command_line():
     mod = _load()
     cfg = mod.parse_config(mod.Config, ["--steps", "7", "--scales", "0,1", "--regimes", "semi"], presets=mod.PRESETS)
     assert cfg.steps == 7 and cfg.scales == (0.0, 1.0) and cfg.regimes == ("semi",)
+
+
+def test_semi_regime_with_mass_on_the_mismatched_blocks(tmp_path):
+    mod = _load()
+    res = mod.main(["--preset", "tiny", "--out", str(tmp_path), "--regimes", "semi", "--steps", "20",
+                    "--p-mismatched", "0.5"])["regimes"]["semi"]
+    # p_matched 0.5 and p_mismatched 0.5 give the product prior: a factor's S1/SR classes see
+    # the other factor at S0 as often as anywhere (about a half), not never as under eq. 2.26.
+    shares = [v for k, v in res["other_factor_s0_share"].items() if not k.endswith("S0")]
+    assert shares and all(0.2 < v < 0.8 for v in shares)
+    assert res["p_mismatched"] == 0.5 and res["factor_swap_symmetric"]
+    c = res["summary"]["centroid"]
+    for block in ("P10", "P01"):
+        total = np.add(np.add(c[f"target_mass_{block}"], c[f"allowed_mass_{block}"]), c[f"forbidden_mass_{block}"])
+        np.testing.assert_allclose(total, 1.0, rtol=1e-4)
+    assert "prior mass 0.5 on the mismatched blocks" in (tmp_path / "report.md").read_text()
