@@ -129,10 +129,24 @@ def _step_elementwise(T, eta, x):
     return unnorm
 
 
+def _symbol_rows(T: Array) -> Array:
+    """``T (V, d, d)`` as one ``(V d, d)`` matrix: row ``(x, j)``, column ``i`` is ``T[x, i, j]``."""
+    V, d, _ = T.shape
+    return jnp.swapaxes(T, 1, 2).reshape(V * d, d)
+
+
+def _every_symbol(Tm: Array, eta: Float[Array, "d n"]) -> Float[Array, "V d n"]:
+    """``<<eta|T(x)`` for every symbol ``x`` and every column of ``eta``, from
+    ``Tm = _symbol_rows(T)``: one ``(V d, d) x (d, n)`` product whose long dimension is the
+    columns (sequences or words)."""
+    d = eta.shape[0]
+    return (Tm @ eta).reshape(Tm.shape[0] // d, d, -1)
+
+
 def _step_gemm(Tm, eta, x):
-    # One (V*d, d) x (d, B) product gives every symbol's update; each column keeps its own.
-    V = Tm.shape[0] // eta.shape[0]
-    cand = (Tm @ eta).reshape(V, eta.shape[0], -1)
+    # Every symbol's update in one product; each column keeps its own symbol's.
+    cand = _every_symbol(Tm, eta)
+    V = cand.shape[0]
     unnorm = cand[0]
     for v in range(1, V):
         unnorm = jnp.where((x == v)[None, :], cand[v], unnorm)
@@ -190,7 +204,7 @@ def _factor_update(process: GHMM):
     V, d, _ = process.T.shape
     T, right = process.T, process.right
     elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
-    Tm = jnp.swapaxes(T, 1, 2).reshape(V * d, d)
+    Tm = _symbol_rows(T)  # once, outside the step loop
 
     def update(eta, x):
         unnorm = _step_elementwise(T, eta, x) if elementwise else _step_gemm(Tm, eta, x)
@@ -238,8 +252,8 @@ def _filter_into(
     d = beliefs.shape[-1]
 
     def scan_step(etas, x):
-        new, norm = step(etas, x)
-        return new, (new, norm)
+        new, log_norm = step(etas, x)
+        return new, (new, log_norm)
 
     def chunk(b0, nb, beliefs, lognorm):
         def block(t0, n, etas, beliefs, lognorm):

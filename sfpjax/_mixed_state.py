@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._beliefs import _check_process, filter_beliefs
+from ._beliefs import _check_process, _every_symbol, _symbol_rows, filter_beliefs
 from ._ghmm import GHMM
 from ._sampling import sample
 from ._structure import _entropy
@@ -46,10 +46,8 @@ def _extend(process: GHMM, unnorm: Float[Array, "d n"]) -> Float[Array, "d m"]:
     Words stay unnormalized so ``Pr(w) = <<eta(0)|T(w)|1>>`` is exact, up to the common
     per-level rescaling done by the callers.
     """
-    V, d, _ = process.T.shape
-    Tm = jnp.swapaxes(process.T, 1, 2).reshape(V * d, d)  # row (x, j), column i: T[x, i, j]
-    children = (Tm @ unnorm).reshape(V, d, -1)
-    return jnp.swapaxes(children, 0, 1).reshape(d, -1)
+    d = process.num_states
+    return jnp.swapaxes(_every_symbol(_symbol_rows(process.T), unnorm), 0, 1).reshape(d, -1)
 
 
 def _word_columns(process: GHMM, length: int) -> Float[Array, "d n"]:
