@@ -22,7 +22,6 @@ On-disk layout of ``out_dir``::
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -308,36 +307,48 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def _format(value: Any, kind: str) -> str:
-    if kind == "b":
-        return "True" if value else "False"
-    # str of a NumPy float is its shortest round-trip repr, so the CSV reads back exactly.
-    return str(value)
+def _format_column(column: np.ndarray) -> list[str]:
+    """Each value as its shortest string that reads back to the same value."""
+    if column.dtype.kind == "b":
+        return ["True" if v else "False" for v in column.tolist()]
+    if column.dtype == np.float64 or column.dtype.kind in "iu":
+        # repr of a Python float is its shortest round-trip form; ints print exactly.
+        return list(map(repr, column.tolist()))
+    # str of a NumPy float32/float16 scalar is its shortest round-trip form at that precision.
+    return list(map(str, column))
 
 
-def _parse(values: list[str], dtype: np.dtype) -> np.ndarray:
+def _parse(values: Sequence[str], dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "b":
         return np.asarray([v == "True" for v in values], dtype=bool)
     if dtype.kind == "f":
-        return np.asarray([float(v) for v in values], dtype=np.float64).astype(dtype)
-    return np.asarray([int(v) for v in values], dtype=dtype)
+        return np.asarray(list(map(float, values)), dtype=np.float64).astype(dtype)
+    return np.asarray(list(map(int, values)), dtype=dtype)
 
 
 def _csv_text(header: Sequence[str], columns: Sequence[np.ndarray], *, with_header: bool) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # Names are identifiers and values are numbers, so no field needs CSV quoting.
+    lines = map(",".join, zip(*map(_format_column, columns), strict=True))
+    text = "\n".join(lines)
     if with_header:
-        writer.writerow(header)
-    kinds = [c.dtype.kind for c in columns]
-    for row in zip(*columns, strict=True):
-        writer.writerow([_format(v, k) for v, k in zip(row, kinds, strict=True)])
-    return buf.getvalue()
+        text = ",".join(header) + "\n" + text
+    return text + "\n" if len(columns[0]) else text
 
 
 def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], rows[1:]
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise ValueError(f"{path!r} is empty; delete it and run the sweep again to recompute that chunk.")
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path!r} line {i + 2} has {len(row)} fields, the header {len(header)}: the file is "
+                "damaged; delete it and run the sweep again to recompute that chunk."
+            )
+    return header, rows
 
 
 class _Layout:
@@ -428,7 +439,23 @@ def _evaluate(fn: Callable, with_key: bool, base_key, index, params):
 
 
 def _metric_specs(fn: Callable, key: Any, grid: Grid) -> dict[str, dict[str, Any]]:
-    params = {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in _device_params(grid.columns(0, 1)).items()}
+    params = tuple((k, v.dtype) for k, v in _device_params(grid.columns(0, 1)).items())
+    key_struct = None if key is None else jax.ShapeDtypeStruct(jnp.shape(key), jnp.asarray(key).dtype)
+    specs = _traced_metric_specs(fn, key_struct, params, bool(jax.config.jax_enable_x64))
+    return {name: {"shape": list(s["shape"]), "dtype": s["dtype"]} for name, s in specs.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_metric_specs(
+    fn: Callable,
+    key: jax.ShapeDtypeStruct | None,
+    param_dtypes: tuple[tuple[str, np.dtype], ...],
+    x64: bool,  # part of the cache key: the traced dtypes depend on it
+) -> dict[str, dict[str, Any]]:
+    # Cached like jit's own trace cache: the same fn over the same parameter dtypes is
+    # traced once, however often it is swept.
+    params = {k: jax.ShapeDtypeStruct((1,), dtype) for k, dtype in param_dtypes}
+    names = tuple(params)
     index = jax.ShapeDtypeStruct((1,), jnp.int32)
     order: list[Any] = []
 
@@ -456,7 +483,7 @@ def _metric_specs(fn: Callable, key: Any, grid: Grid) -> dict[str, dict[str, Any
         leaf = out[name]
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"Metric names must be Python identifiers, got {name!r}.")
-        if name in grid.names or name in (_INDEX, _KEY):
+        if name in names or name in (_INDEX, _KEY):
             raise ValueError(f"Metric {name!r} clashes with a parameter or reserved column; rename it.")
         if not isinstance(leaf, jax.ShapeDtypeStruct):
             raise ValueError(
@@ -545,7 +572,14 @@ def _load(out_dir: str, manifest: Mapping[str, Any]) -> SweepResult:
     dtypes.update({k: v.dtype for k, v in g.values.items()})
     dtypes.update({k: np.dtype(s["dtype"]) for k, s in specs.items() if _is_table_metric(s)})
     transposed = list(zip(*rows, strict=True)) if rows else [()] * len(header)
-    table = {name: _parse(list(col), dtypes[name]) for name, col in zip(header, transposed, strict=True)}
+    try:
+        table = {name: _parse(col, dtypes[name]) for name, col in zip(header, transposed, strict=True)}
+    except ValueError as e:
+        raise ValueError(
+            f"The result files in {out_dir!r} hold a value that is not a number ({e}): a chunk file "
+            "is damaged; delete results.csv and the damaged chunks/chunk_*.csv, then run the sweep "
+            "again to recompute them."
+        ) from e
     array_specs = {k: s for k, s in specs.items() if not _is_table_metric(s)}
     npz = [layout.chunk_npz(c) for c in finished] if array_specs else []
     return SweepResult(
@@ -802,23 +836,39 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
 
     n = len(grid)
     base_key = None if key is None else jax.device_put(key, replicated)
+
+    def launch(c: int):
+        lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
+        real = hi - lo
+        cols = grid.columns(lo, hi)
+        # Padding repeats the last real point, so fn never sees out-of-range parameters.
+        pad = np.full(padded - real, real - 1, dtype=np.int64)
+        take = np.concatenate([np.arange(real, dtype=np.int64), pad])
+        params = {k: jax.device_put(v[take], sharded) for k, v in _device_params(cols).items()}
+        index = jax.device_put((lo + take).astype(np.int32), sharded)
+        # Dispatch is asynchronous: this returns while the devices compute.
+        return c, lo, hi, cols, jitted(base_key, index, params)
+
+    def finish(c, lo, hi, cols, pending) -> int:
+        out = {k: np.asarray(v)[: hi - lo] for k, v in jax.device_get(pending).items()}
+        columns = [np.arange(lo, hi, dtype=np.int64), *cols.values(), *(out[k] for k in table_metrics)]
+        _write_chunk(layout, c, header, columns, {k: out[k] for k in array_metrics})
+        return hi - lo
+
     bar = tqdm(total=len(todo), unit="chunk", disable=not progress, desc="sweep")
     done_points, start = 0, time.perf_counter()
     try:
-        for c in todo:
-            lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
-            real = hi - lo
-            cols = grid.columns(lo, hi)
-            # Padding repeats the last real point, so fn never sees out-of-range parameters.
-            pad = np.full(padded - real, real - 1, dtype=np.int64)
-            take = np.concatenate([np.arange(real, dtype=np.int64), pad])
-            params = {k: jax.device_put(v[take], sharded) for k, v in _device_params(cols).items()}
-            index = jax.device_put((lo + take).astype(np.int32), sharded)
-            out = jax.device_get(jitted(base_key, index, params))
-            out = {k: np.asarray(v)[:real] for k, v in out.items()}
-            columns = [np.arange(lo, hi, dtype=np.int64), *cols.values(), *(out[k] for k in table_metrics)]
-            _write_chunk(layout, c, header, columns, {k: out[k] for k in array_metrics})
-            done_points += real
+        # The next chunk is dispatched before the current one is written, so the devices
+        # compute while the host formats and writes files.
+        running = launch(todo[0])
+        for c in [*todo[1:], None]:
+            try:
+                following = None if c is None else launch(c)
+            except BaseException:
+                finish(*running)  # a failure in the next chunk never loses this one
+                raise
+            done_points += finish(*running)
+            running = following
             bar.update(1)
             bar.set_postfix(points_per_s=f"{done_points / (time.perf_counter() - start):.3g}")
     finally:

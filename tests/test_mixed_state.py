@@ -20,6 +20,34 @@ def test_myopic_entropies_brute_force(kind):
     np.testing.assert_allclose(msp.myopic_entropies(), h, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
+@pytest.mark.parametrize("words_per_block", [1, 3, 9, 27])
+def test_myopic_entropies_depth_first_blocks_brute_force(kind, words_per_block):
+    # Small blocks force the depth-first path (used for deep trees) at a depth the oracle
+    # can enumerate; 1 word per block is the level-by-level path.
+    from sfpjax._mixed_state import _myopic_entropies
+
+    T, eta0, right = small_process(kind)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    h = jax.jit(_myopic_entropies, static_argnums=(1, 2))(p, 6, words_per_block)
+    np.testing.assert_allclose(h, oracle_myopic(T, eta0, right, 6), rtol=1e-9, atol=1e-12)
+
+
+def test_myopic_entropies_deep_tree_vmapped_float32_matches_float64():
+    # Depth 10 of a 3-symbol process takes the depth-first path; vmapped in float32 over a
+    # small grid it matches the float64 level-by-level enumeration.
+    from sfpjax._mixed_state import _myopic_entropies
+
+    xs, a_s = jnp.array([0.05, 0.15, 0.3]), jnp.array([0.3, 0.6, 0.9])
+    h32 = jax.vmap(lambda x, a: sfpjax.myopic_entropies(sfpjax.mess3(x, a, dtype=jnp.float32), 10))(xs, a_s)
+    assert h32.dtype == jnp.float32
+    for k in range(3):
+        p = sfpjax.mess3(xs[k], a_s[k], dtype=jnp.float64)
+        ref = jax.jit(_myopic_entropies, static_argnums=(1, 2))(p, 10, 3**10)
+        np.testing.assert_allclose(h32[k], ref, atol=2e-5)
+        assert np.all(np.diff(np.asarray(ref)) <= 1e-12)  # H(X_{n+1}|X_{1:n}) never increases
+
+
 def test_z1r_known_values_and_msp():
     p = sfpjax.GHMM(z1r_T(), hmm=True, dtype=jnp.float64)
     h = np.asarray(sfpjax.myopic_entropies(p, 8))
