@@ -518,9 +518,11 @@ def _per_point_bytes(lower: Callable, key: Any, grid: Grid, specs: Mapping, n_de
         stats = None
     if stats is None:
         return io_bytes
+    # The outputs count twice: the previous chunk's are still held while its files are
+    # written and this chunk runs.
     total = (
         stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
+        + 2 * stats.output_size_in_bytes
         + stats.temp_size_in_bytes
         - stats.alias_size_in_bytes
     )
@@ -653,9 +655,10 @@ def run_sweep(
         memory_budget_bytes: instead of ``chunk_size``, the device memory one chunk may
             use on each device. The per-point cost is the larger of the point's inputs and
             outputs (``jax.eval_shape``) and the compiled program's
-            ``argument + output + temp - alias`` bytes (``memory_analysis()``) for a probe
-            of 8 points per device, divided by 8 (conservative: fixed costs are counted
-            per point). Then ``chunk_size = num_devices * floor(budget / per_point)``.
+            ``argument + 2 output + temp - alias`` bytes (``memory_analysis()``; outputs
+            twice because a chunk runs while the previous chunk's outputs are written) for
+            a probe of 8 points per device, divided by 8 (conservative: fixed costs are
+            counted per point). Then ``chunk_size = num_devices * floor(budget / per_point)``.
         devices: devices to shard over (default: all local devices).
         progress: show a tqdm bar over this process's chunks, with points per second.
         process_index, process_count: this process's share of a multi-host sweep; chunk
