@@ -50,6 +50,10 @@ _DEFAULT_CHUNK = 4096
 # Points per device in the probe program whose compiled memory analysis sizes chunks.
 _PROBE_PER_DEVICE = 8
 _TABLE_KINDS = "biuf"
+_RECOMPUTE = (
+    "delete it (and results.csv, if the damaged file is a chunk) and run the sweep again to "
+    "recompute the missing chunks."
+)
 # Axis values: anything np.asarray turns into a 1-D numeric array (lists included).
 AxisValues = ArrayLike | Sequence[bool | int | float]
 
@@ -335,20 +339,27 @@ def _csv_text(header: Sequence[str], columns: Sequence[np.ndarray], *, with_head
     return text + "\n" if len(columns[0]) else text
 
 
-def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
-    with open(path) as f:
-        lines = f.read().splitlines()
-    if not lines:
-        raise ValueError(f"{path!r} is empty; delete it and run the sweep again to recompute that chunk.")
-    header = lines[0].split(",")
+def _read_csv(path: str, columns: Sequence[str], num_rows: int) -> list[list[str]]:
+    """The rows of a table file, checked against the header and row count it must have."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} cannot be read ({e}); {_RECOMPUTE}") from e
+    if not lines or lines[0] != ",".join(columns):
+        raise ValueError(
+            f"{path!r} does not start with the header {','.join(columns)!r}; the file is damaged: {_RECOMPUTE}"
+        )
+    if len(lines) - 1 != num_rows:
+        raise ValueError(f"{path!r} has {len(lines) - 1} rows, expected {num_rows}; the file is damaged: {_RECOMPUTE}")
     rows = [line.split(",") for line in lines[1:]]
     for i, row in enumerate(rows):
-        if len(row) != len(header):
+        if len(row) != len(columns):
             raise ValueError(
-                f"{path!r} line {i + 2} has {len(row)} fields, the header {len(header)}: the file is "
-                "damaged; delete it and run the sweep again to recompute that chunk."
+                f"{path!r} line {i + 2} has {len(row)} fields, expected {len(columns)}; the file is "
+                f"damaged: {_RECOMPUTE}"
             )
-    return header, rows
+    return rows
 
 
 class _Layout:
@@ -547,13 +558,22 @@ def _write_chunk(
     _atomic_write(layout.chunk_csv(c), _csv_text(header, columns, with_header=True).encode())
 
 
-def _assemble(layout: _Layout) -> None:
-    pieces = []
+def _chunk_rows(manifest: Mapping[str, Any], c: int) -> int:
+    size = manifest["chunk_size"]
+    return min((c + 1) * size, manifest["num_points"]) - c * size
+
+
+def _assemble(layout: _Layout, manifest: Mapping[str, Any]) -> None:
+    header = ",".join(manifest["columns"]) + "\n"
+    pieces = [header]
     for c in range(layout.num_chunks):
-        with open(layout.chunk_csv(c), newline="") as f:
+        path = layout.chunk_csv(c)
+        with open(path) as f:
             text = f.read()
-        # Keep the header of the first chunk only; the rows are copied byte for byte.
-        pieces.append(text if c == 0 else text.split("\n", 1)[1])
+        # The rows are copied byte for byte, after a check that the chunk is whole.
+        if not text.startswith(header) or text.count("\n") != _chunk_rows(manifest, c) + 1:
+            raise ValueError(f"{path!r} is not a whole chunk of this sweep; the file is damaged: {_RECOMPUTE}")
+        pieces.append(text[len(header):])
     _atomic_write(layout.results, "".join(pieces).encode())
 
 
@@ -562,14 +582,15 @@ def _load(out_dir: str, manifest: Mapping[str, Any]) -> SweepResult:
     layout = _Layout(out_dir, manifest["num_chunks"])
     specs = manifest["metrics"]
     complete = os.path.exists(layout.results)
+    header = manifest["columns"]
     if complete:
         finished = list(range(layout.num_chunks))
-        header, rows = _read_csv(layout.results)
+        rows = _read_csv(layout.results, header, manifest["num_points"])
     else:
         finished = [c for c in range(layout.num_chunks) if layout.done(c)]
-        header, rows = manifest["columns"], []
+        rows = []
         for c in finished:
-            rows.extend(_read_csv(layout.chunk_csv(c))[1])
+            rows.extend(_read_csv(layout.chunk_csv(c), header, _chunk_rows(manifest, c)))
     dtypes = {_INDEX: np.dtype(np.int64)}
     dtypes.update({k: v.dtype for k, v in g.values.items()})
     dtypes.update({k: np.dtype(s["dtype"]) for k, s in specs.items() if _is_table_metric(s)})
@@ -578,8 +599,8 @@ def _load(out_dir: str, manifest: Mapping[str, Any]) -> SweepResult:
         table = {name: _parse(col, dtypes[name]) for name, col in zip(header, transposed, strict=True)}
     except ValueError as e:
         raise ValueError(
-            f"The result files in {out_dir!r} hold a value that is not a number ({e}): a chunk file "
-            "is damaged; delete results.csv and the damaged chunks/chunk_*.csv, then run the sweep "
+            f"The table files in {out_dir!r} hold a value that is not a number ({e}): a file is "
+            "damaged; delete results.csv and the damaged chunks/chunk_*.csv, then run the sweep "
             "again to recompute them."
         ) from e
     array_specs = {k: s for k, s in specs.items() if not _is_table_metric(s)}
@@ -775,7 +796,7 @@ def run_sweep(
     if process_index == 0 and not os.path.exists(layout.results):
         missing = [c for c in range(num_chunks) if not layout.done(c)]
         if not missing:
-            _assemble(layout)
+            _assemble(layout, manifest)
         elif multihost:
             raise ValueError(
                 f"After all processes finished, chunks {missing[:8]} are missing from {out_dir!r}: "

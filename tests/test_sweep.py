@@ -333,3 +333,44 @@ def test_two_distributed_processes_split_chunks_and_agree(tmp_path):
     )
     assert (out / "results.csv").read_bytes() == (tmp_path / "fresh" / "results.csv").read_bytes()
     _assert_same(sfpjax.load_sweep(out), fresh)
+
+
+def test_damaged_table_files_raise_clear_errors_and_recompute_once_deleted(tmp_path):
+    g = sfpjax.grid(x=[1.0, 2.0, 3.0, 4.0, 5.0])
+
+    def fn(p):
+        return {"y": p["x"] ** 2}
+
+    out = tmp_path / "s"
+    fresh = sfpjax.run_sweep(fn, g, out_dir=out, chunk_size=2, progress=False)
+    chunk = out / "chunks" / "chunk_000001.csv"
+    good = chunk.read_text()
+    lines = good.splitlines()
+    (out / "results.csv").unlink()
+
+    chunk.write_text("\n".join(lines[:-1]) + "\n")  # a lost row
+    with pytest.raises(ValueError, match=r"chunk_000001\.csv' has 1 rows, expected 2.*delete it"):
+        sfpjax.load_sweep(out)
+    with pytest.raises(ValueError, match=r"chunk_000001\.csv' is not a whole chunk.*delete it"):
+        sfpjax.run_sweep(fn, g, out_dir=out, progress=False)
+
+    chunk.write_text("\n".join([*lines[:-1], lines[-1].rsplit(",", 1)[0] + ",abc"]) + "\n")
+    with pytest.raises(ValueError, match="not a number.*delete results.csv and the damaged"):
+        sfpjax.load_sweep(out)
+
+    chunk.write_text("\n".join([*lines[:-1], lines[-1] + ",7"]) + "\n")
+    with pytest.raises(ValueError, match=r"line 3 has 4 fields, expected 3"):
+        sfpjax.load_sweep(out)
+
+    chunk.write_text("x,index,y\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="does not start with the header 'index,x,y'"):
+        sfpjax.load_sweep(out)
+
+    results = out / "results.csv"
+    chunk.unlink()
+    res = sfpjax.run_sweep(fn, g, out_dir=out, progress=False)
+    assert res.complete and chunk.read_text() == good
+    _assert_same(res, fresh)
+    results.write_text(results.read_text()[:-8])  # the last row cut short
+    with pytest.raises(ValueError, match=r"results\.csv'.*delete it"):
+        sfpjax.load_sweep(out)
