@@ -197,12 +197,19 @@ def num_distinct_beliefs(process: GHMM, depth: int, *, decimals: int = 6) -> Int
     """
     _check_process(process)
     beliefs, probs = _word_column_beliefs(process, _check_depth(process, depth, "depth"))
+    valid = probs > 0
     keys = jnp.round(beliefs * 10.0**decimals)
-    keys = jnp.where((probs > 0)[None, :], keys, jnp.inf) + 0.0
-    s = keys[:, jnp.lexsort(keys)]
+    keys = jnp.where(keys == 0, 0.0, keys)  # -0.0 and 0.0 are the same rounded coordinate
+    # Impossible words all get the key (inf, ..., inf), which no belief has; it is counted
+    # once below and taken off.
+    keys = jnp.where(valid[None, :], keys, jnp.inf)
+    # Only equality matters, so the keys are sorted as the integers with their bits: XLA's
+    # integer comparator is 1.5x faster than its float one (6,561 Mess3 beliefs, 2-core CPU).
+    ints = jax.lax.bitcast_convert_type(keys, jnp.dtype(f"int{8 * keys.dtype.itemsize}"))
+    s = jnp.stack(jax.lax.sort(tuple(ints), num_keys=ints.shape[0]))
     new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(s[:, 1:] != s[:, :-1], axis=0)])
-    valid = jnp.isfinite(s[0])
-    return jnp.sum(new & valid)
+    count = jnp.sum(new)
+    return count - jnp.any(~valid).astype(count.dtype)
 
 
 @eqx.filter_jit

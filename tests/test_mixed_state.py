@@ -92,6 +92,33 @@ def test_vmap_over_processes_and_distinct_beliefs():
     assert int(sfpjax.num_distinct_beliefs(z, 4)) == 1
 
 
+@pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
+def test_num_distinct_beliefs_brute_force(kind):
+    T, eta0, right = small_process(kind)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    for depth in range(6):
+        seen = set()
+        for w in words(T.shape[0], depth):
+            prob, b = word_prob_and_belief(T, eta0, right, w)
+            if prob > 0:
+                seen.add(tuple(np.round(b * 1e3) + 0.0))
+        assert int(sfpjax.num_distinct_beliefs(p, depth, decimals=3)) == len(seen)
+
+
+def test_num_distinct_beliefs_merges_signed_zeros_and_skips_impossible_words():
+    # Z1R from S0: only the words of the cycle 0 1 r are possible, and the beliefs there
+    # are vertices; coordinates that round to -0.0 count as 0.0.
+    z = sfpjax.GHMM(z1r_T(), eta0=np.array([1.0, 0, 0]), hmm=True, dtype=jnp.float64)
+    assert int(sfpjax.num_distinct_beliefs(z, 5)) == 1
+    # Symbol 0 keeps the belief (1 + 1e-12, -1e-12), symbol 1 sends every belief to (1, 0):
+    # the two round to (1e6, -0.0) and (1e6, 0.0), one belief.
+    T = np.array([[[0.5, 0.0], [0.0, 0.5]], [[0.5, 0.0], [0.5, 0.0]]])
+    bent = sfpjax.GHMM(T, eta0=np.array([1.0 + 1e-12, -1e-12]), right=np.ones(2), dtype=jnp.float64)
+    b, _ = sfpjax.word_beliefs(bent, 1)
+    assert np.signbit(np.round(b[0, 1] * 1e6)) and not np.signbit(b[1, 1])
+    assert int(sfpjax.num_distinct_beliefs(bent, 1)) == 1
+
+
 def test_word_beliefs_probabilities_sum_to_one():
     rng = np.random.default_rng(3)
     T, eta0, right = random_ghmm(rng, 2, 3)
