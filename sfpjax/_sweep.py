@@ -456,7 +456,7 @@ def _metric_specs(fn: Callable, key: Any, grid: Grid) -> dict[str, dict[str, Any
     return {name: {"shape": list(s["shape"]), "dtype": s["dtype"]} for name, s in specs.items()}
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # small: an entry keeps fn, and what it closes over, alive
 def _traced_metric_specs(
     fn: Callable,
     key: jax.ShapeDtypeStruct | None,

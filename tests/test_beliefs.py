@@ -261,13 +261,22 @@ def test_bad_output_buffers_rejected():
         sfpjax.filter_beliefs(p, toks, initial=jnp.ones((3, 3)) / 3)
 
 
-def test_many_sequences_match_a_numpy_loop():
+@pytest.mark.parametrize("chunking", ["cpu", "accelerator"])
+def test_many_sequences_match_a_numpy_loop(chunking, monkeypatch):
     # More sequences than one batch chunk, and a length that is not a whole number of blocks.
+    # The accelerator chunking (all 1100 sequences in one chunk, what GPUs and TPUs run)
+    # is checked here on CPU by giving the CPU program its chunk size.
+    from sfpjax import _beliefs
+
     rng = np.random.default_rng(10)
     T, eta0, right = random_ghmm(rng, 3, 3)
     p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
     toks = np.asarray(sfpjax.sample(p, key=jr.key(2), batch_size=1100, seq_len=45))
-    out = sfpjax.filter_beliefs(p, jnp.asarray(toks))
+    if chunking == "cpu":
+        out = sfpjax.filter_beliefs(p, jnp.asarray(toks))
+    else:
+        monkeypatch.setattr(_beliefs, "_CHUNK_ENTRIES", _beliefs._ACCELERATOR_CHUNK_ENTRIES)
+        out = jax.jit(_beliefs._filter_impl)(p, jnp.asarray(toks), None, None)  # a fresh trace
     eta = np.broadcast_to(eta0, (1100, 3))
     for t in range(45):
         unnorm = np.einsum("bi,bij->bj", eta, T[toks[:, t]])
