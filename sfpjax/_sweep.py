@@ -577,13 +577,16 @@ def _assemble(layout: _Layout, manifest: Mapping[str, Any]) -> None:
     _atomic_write(layout.results, "".join(pieces).encode())
 
 
-def _load(out_dir: str, manifest: Mapping[str, Any]) -> SweepResult:
+def _load(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.ndarray] | None = None) -> SweepResult:
+    """The sweep in ``out_dir``; ``table``, when given, is its whole table, already in memory."""
     g = Grid._from_spec(manifest["grid"])
     layout = _Layout(out_dir, manifest["num_chunks"])
     specs = manifest["metrics"]
     complete = os.path.exists(layout.results)
     header = manifest["columns"]
-    if complete:
+    if table is not None:
+        finished = list(range(layout.num_chunks))
+    elif complete:
         finished = list(range(layout.num_chunks))
         rows = _read_csv(layout.results, header, manifest["num_points"])
     else:
@@ -591,18 +594,19 @@ def _load(out_dir: str, manifest: Mapping[str, Any]) -> SweepResult:
         rows = []
         for c in finished:
             rows.extend(_read_csv(layout.chunk_csv(c), header, _chunk_rows(manifest, c)))
-    dtypes = {_INDEX: np.dtype(np.int64)}
-    dtypes.update({k: v.dtype for k, v in g.values.items()})
-    dtypes.update({k: np.dtype(s["dtype"]) for k, s in specs.items() if _is_table_metric(s)})
-    transposed = list(zip(*rows, strict=True)) if rows else [()] * len(header)
-    try:
-        table = {name: _parse(col, dtypes[name]) for name, col in zip(header, transposed, strict=True)}
-    except ValueError as e:
-        raise ValueError(
-            f"The table files in {out_dir!r} hold a value that is not a number ({e}): a file is "
-            "damaged; delete results.csv and the damaged chunks/chunk_*.csv, then run the sweep "
-            "again to recompute them."
-        ) from e
+    if table is None:
+        dtypes = {_INDEX: np.dtype(np.int64)}
+        dtypes.update({k: v.dtype for k, v in g.values.items()})
+        dtypes.update({k: np.dtype(s["dtype"]) for k, s in specs.items() if _is_table_metric(s)})
+        transposed = list(zip(*rows, strict=True)) if rows else [()] * len(header)
+        try:
+            table = {name: _parse(col, dtypes[name]) for name, col in zip(header, transposed, strict=True)}
+        except ValueError as e:
+            raise ValueError(
+                f"The table files in {out_dir!r} hold a value that is not a number ({e}): a file "
+                "is damaged; delete results.csv and the damaged chunks/chunk_*.csv, then run the "
+                "sweep again to recompute them."
+            ) from e
     array_specs = {k: s for k, s in specs.items() if not _is_table_metric(s)}
     npz = [layout.chunk_npz(c) for c in finished] if array_specs else []
     return SweepResult(
@@ -785,11 +789,12 @@ def run_sweep(
     chunk_size, num_chunks = manifest["chunk_size"], manifest["num_chunks"]
     layout = _Layout(out_dir, num_chunks)
 
+    computed: dict[int, list[np.ndarray]] = {}
     todo = [c for c in _my_chunks(num_chunks, process_index, process_count) if not layout.done(c)]
     if todo and not os.path.exists(layout.results):
         padded = -(-chunk_size // n_dev) * n_dev
-        _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, table_metrics,
-                    array_metrics, sharded, replicated, progress)
+        computed = _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header,
+                               table_metrics, array_metrics, sharded, replicated, progress)
 
     if multihost:
         multihost_utils.sync_global_devices(f"sfpjax_sweep_chunks_{manifest['fingerprint'][:16]}")
@@ -804,6 +809,12 @@ def run_sweep(
             )
     if multihost:
         multihost_utils.sync_global_devices(f"sfpjax_sweep_table_{manifest['fingerprint'][:16]}")
+    if len(computed) == num_chunks and os.path.exists(layout.results):
+        # Every chunk was computed here: the table is in memory, equal to what the files
+        # read back as (the text round-trips exactly), so it is not parsed again.
+        table = {name: np.concatenate([computed[c][i] for c in range(num_chunks)])
+                 for i, name in enumerate(header)}
+        return _load(out_dir, manifest, table)
     return _load(out_dir, manifest)
 
 
@@ -855,7 +866,8 @@ def _resolve_manifest(
 
 
 def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, table_metrics,
-                array_metrics, sharded, replicated, progress) -> None:
+                array_metrics, sharded, replicated, progress) -> dict[int, list[np.ndarray]]:
+    """Evaluate and write the chunks in ``todo``; returns each one's table columns."""
     from tqdm.auto import tqdm
 
     n = len(grid)
@@ -873,10 +885,13 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
         # Dispatch is asynchronous: this returns while the devices compute.
         return c, lo, hi, cols, jitted(base_key, index, params)
 
+    computed = {}
+
     def finish(c, lo, hi, cols, pending) -> int:
         out = {k: np.asarray(v)[: hi - lo] for k, v in jax.device_get(pending).items()}
         columns = [np.arange(lo, hi, dtype=np.int64), *cols.values(), *(out[k] for k in table_metrics)]
         _write_chunk(layout, c, header, columns, {k: out[k] for k in array_metrics})
+        computed[c] = columns
         return hi - lo
 
     bar = tqdm(total=len(todo), unit="chunk", disable=not progress, desc="sweep")
@@ -897,4 +912,5 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
             bar.set_postfix(points_per_s=f"{done_points / (time.perf_counter() - start):.3g}")
     finally:
         bar.close()
+    return computed
 

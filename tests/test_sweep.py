@@ -374,3 +374,24 @@ def test_damaged_table_files_raise_clear_errors_and_recompute_once_deleted(tmp_p
     results.write_text(results.read_text()[:-8])  # the last row cut short
     with pytest.raises(ValueError, match=r"results\.csv'.*delete it"):
         sfpjax.load_sweep(out)
+
+
+@pytest.mark.parametrize("x64", [True, False])
+def test_returned_table_is_what_the_files_read_back_as(tmp_path, x64):
+    # A sweep computed in one call returns its table from memory; it must equal, value for
+    # value and dtype for dtype, what load_sweep parses from the files.
+    g = sfpjax.grid(x=np.linspace(0.1, 0.9, 7), n=[1, 2, 3])
+
+    def fn(p):
+        y = p["x"] * p["n"].astype(p["x"].dtype) / 3.0
+        return {"y": y, "k": p["n"] * 2, "big": y > 0.5, "cube": jnp.ones((2,), y.dtype) * y}
+
+    with jax.enable_x64(x64):
+        res = sfpjax.run_sweep(fn, g, out_dir=tmp_path / "s", chunk_size=5, progress=False)
+    back = sfpjax.load_sweep(tmp_path / "s")
+    assert list(res.table) == list(back.table) == ["index", "x", "n", "y", "k", "big"]
+    for name in res.table:
+        assert res.table[name].dtype == back.table[name].dtype, name
+        np.testing.assert_array_equal(res.table[name], back.table[name])
+    assert res.table["y"].dtype == (np.float64 if x64 else np.float32)
+    np.testing.assert_array_equal(res.arrays["cube"], back.arrays["cube"])
