@@ -115,8 +115,9 @@ def myopic_entropies(process: GHMM, max_depth: int) -> Float[Array, " depth"]:
     """``H(X_{n+1} | X_{1:n})`` in nats for ``n = 0..max_depth``, exactly, by enumeration.
 
     Entry 0 is the entropy of the first symbol drawn from ``<<eta(0)|``. Level by level the
-    ``V**n`` words are extended with one batched contraction; jitted, and vmappable over a
-    stack of processes, so a parameter grid is one call.
+    ``V**n`` words are extended with one batched contraction; past 8192 words at the last
+    level the tree is walked depth-first in blocks that stay in cache. Jitted, and
+    vmappable over a stack of processes, so a parameter grid is one call.
 
     Args:
         process: a GHMM.
