@@ -142,19 +142,19 @@ def _myopic_entropies(process: GHMM, D: int, words_per_block: int) -> Float[Arra
     while V > 1 and V ** (levels_per_block + 1) <= words_per_block:
         levels_per_block += 1
     if V ** D <= words_per_block or levels_per_block < 1:
-        h, c = _level_sums(Tm, Tr, process.eta0[:, None], D + 1)
+        h, c, _ = _level_sums(Tm, Tr, process.eta0[:, None], D + 1)
     else:
         # Deep trees go depth-first in blocks: the words of length `split` are cut into
         # blocks of V words, and a scan extends one block at a time down to length D, so the
         # working set stays in cache, also under vmap over a parameter grid (2.5x faster per
         # Mess3 point at depth 10 than whole levels, 64 points vmapped, 2-core CPU).
         split = D + 1 - levels_per_block
-        h_top, c_top = _level_sums(Tm, Tr, process.eta0[:, None], split)
-        words = _word_columns(process, split)
+        h_top, c_top, deepest = _level_sums(Tm, Tr, process.eta0[:, None], split)
+        words = _extend_rows(Tm, deepest)  # the words of length `split`
         blocks = jnp.moveaxis(words.reshape(words.shape[0], -1, V), 1, 0)
 
         def block(total, unnorm):
-            return jax.tree.map(jnp.add, total, _level_sums(Tm, Tr, unnorm, D + 1 - split)), None
+            return jax.tree.map(jnp.add, total, _level_sums(Tm, Tr, unnorm, D + 1 - split)[:2]), None
 
         zeros = jnp.zeros(D + 1 - split, words.dtype)
         (h_low, c_low), _ = jax.lax.scan(block, (zeros, zeros), blocks)
@@ -167,18 +167,18 @@ def _myopic_entropies(process: GHMM, D: int, words_per_block: int) -> Float[Arra
 
 def _level_sums(
     Tm: Float[Array, "Vd d"], Tr: Float[Array, "V d"], unnorm: Float[Array, "d n"], levels: int
-) -> tuple[Float[Array, " levels"], Float[Array, " levels"]]:
+) -> tuple[Float[Array, " levels"], Float[Array, " levels"], Float[Array, "d m"]]:
     """For the words in ``unnorm``'s columns and the next ``levels - 1`` lengths below them:
     ``-sum p log p`` and ``sum p`` over ``p = <<eta|T(w x)|1>>`` for every word ``w`` of
-    that length and symbol ``x``."""
+    that length and symbol ``x``; and the words of the last of those lengths."""
     h, c = [], []
     for k in range(levels):
+        if k:
+            unnorm = _extend_rows(Tm, unnorm)
         joint = jnp.maximum(Tr @ unnorm, 0.0).reshape(-1)
         h.append(_entropy(joint))
         c.append(joint.sum())
-        if k < levels - 1:
-            unnorm = _extend_rows(Tm, unnorm)
-    return jnp.stack(h), jnp.stack(c)
+    return jnp.stack(h), jnp.stack(c), unnorm
 
 
 def _round_key(beliefs: np.ndarray, decimals: int) -> np.ndarray:
