@@ -330,13 +330,10 @@ def _parse(values: Sequence[str], dtype: np.dtype) -> np.ndarray:
     return np.asarray(list(map(int, values)), dtype=dtype)
 
 
-def _csv_text(header: Sequence[str], columns: Sequence[np.ndarray], *, with_header: bool) -> str:
+def _csv_text(header: Sequence[str], columns: Sequence[np.ndarray]) -> str:
     # Names are identifiers and values are numbers, so no field needs CSV quoting.
-    lines = map(",".join, zip(*map(_format_column, columns), strict=True))
-    text = "\n".join(lines)
-    if with_header:
-        text = ",".join(header) + "\n" + text
-    return text + "\n" if len(columns[0]) else text
+    rows = map(",".join, zip(*map(_format_column, columns), strict=True))
+    return "\n".join([",".join(header), *rows]) + "\n"
 
 
 def _read_csv(path: str, columns: Sequence[str], num_rows: int) -> list[list[str]]:
@@ -555,7 +552,7 @@ def _write_chunk(
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         _atomic_write(layout.chunk_npz(c), buf.getvalue())
-    _atomic_write(layout.chunk_csv(c), _csv_text(header, columns, with_header=True).encode())
+    _atomic_write(layout.chunk_csv(c), _csv_text(header, columns).encode())
 
 
 def _chunk_rows(manifest: Mapping[str, Any], c: int) -> int:
