@@ -314,6 +314,14 @@ for process in (m, sfpjax.product(m, sfpjax.z1r())):
     ref = sfpjax.filter_beliefs(process, toks, initial=init)
     got = sfpjax.filter_beliefs(process, on_mesh(toks), initial=init)
     close(got.beliefs, ref.beliefs)
+# Processes come and go, and their copies on the mesh are cached by identity: each must be
+# filtered with its own matrices, also after the cache evicts or a new process takes the
+# memory of one that was freed.
+toks = sfpjax.sample(m, key=jax.random.key(3), batch_size=64, seq_len=9)
+for i in range(12):
+    q = sfpjax.mess3(0.05 + 0.02 * i, 0.6)
+    close(sfpjax.filter_beliefs(q, on_mesh(toks)).beliefs, sfpjax.filter_beliefs(q, toks).beliefs)
+    del q
 bad = on_mesh(jnp.full((8, 5), 3, jnp.int32))
 try:
     jax.block_until_ready(sfpjax.filter_beliefs(m, bad))
