@@ -5,8 +5,10 @@ For the product, sfpjax gets ``sfpjax.product(mess3, mess3)`` (so ``filter_belie
 its factored path: one 3-state belief per factor, the joint belief written as their
 Kronecker product) and every baseline gets the joint 9-state matrices.
 Batch sizes B = 4096 and 16384, L = 256, float32. Methods, timed in one process and
-interleaved within every round after compiling (each timed call right after an untimed call
-of the same method, so none pays for another's still-spinning worker threads):
+interleaved within every round after compiling (each timed call right after at least
+``--warmup`` seconds, default 0.05, of untimed calls of the same method, so that none pays
+for another's still-spinning worker threads and every one runs on a machine that has
+reached full speed):
 
 * ``sfpjax``      the public ``sfpjax.filter_beliefs`` (beliefs and log normalizers) with
                   ``out=`` the previous round's result, so its output buffers are reused
@@ -197,7 +199,7 @@ def check(name, out, ref_beliefs, ref_lognorm, n):
     return err
 
 
-def bench_case(label, process, B, L, rounds, methods, key):
+def bench_case(label, process, B, L, rounds, methods, key, warmup_s):
     d = process.num_states
     tokens_1dev = sfpjax.sample(process, key=key, batch_size=B, seq_len=L)
     tokens_np = np.asarray(tokens_1dev)
@@ -253,10 +255,16 @@ def bench_case(label, process, B, L, rounds, methods, key):
     for r in range(rounds):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]
         for name in order:
-            # One untimed call first: the previous method's worker threads keep spinning for
-            # a while after it returns (numba's OpenMP threads, XLA's pool), and that cost
-            # belongs to neither; each timed call then follows a call of its own method.
+            # Untimed calls of the same method first, for at least warmup_s: the previous
+            # method's worker threads keep spinning for a while after it returns (numba's
+            # OpenMP threads, XLA's pool), and that cost belongs to neither; and these
+            # 2-core machines reach full speed only after tens of ms of load (a two-device
+            # sfpjax call after 20 ms idle: 208 M updates/s after one call, 235 after four,
+            # 248 after sixteen), which a single warm-up call gave the fastest method least.
+            warm_end = time.perf_counter() + warmup_s
             _block(fns[name]())
+            while time.perf_counter() < warm_end:
+                _block(fns[name]())
             t0 = time.perf_counter()
             out = _block(fns[name]())
             times[name].append(time.perf_counter() - t0)
@@ -266,7 +274,8 @@ def bench_case(label, process, B, L, rounds, methods, key):
     bw = write_bandwidth(nbytes, repeats=max(5, rounds))
     limit = bw / ((d + 1) * 4)
     updates = B * L
-    print(f"\n## {label}  (d={d}, V={process.vocab_size}, B={B}, L={L}, float32, {rounds} rounds)")
+    print(f"\n## {label}  (d={d}, V={process.vocab_size}, B={B}, L={L}, float32, {rounds} rounds, "
+          f"{warmup_s:g} s warm-up per timed call)")
     print(f"write bandwidth {bw / 1e9:.1f} GB/s -> output-write limit {limit / 1e6:.0f} M updates/s")
     print(f"{'method':12s} {'M upd/s':>9s} {'ms':>8s} {'compile s':>9s} {'sfpjax x':>9s} {'fresh x':>8s} "
           f"{'of limit':>8s} {'max err':>8s}")
@@ -284,12 +293,38 @@ def bench_case(label, process, B, L, rounds, methods, key):
     return rows
 
 
+def warmup_ramp(process, B, L, key, idle_s=0.02, repeats=25):
+    """sfpjax's time for a call after ``idle_s`` of idleness and k untimed calls: how long this
+    machine takes to reach full speed (the reason for ``--warmup``)."""
+    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    tokens = jax.device_put(sfpjax.sample(process, key=key, batch_size=B, seq_len=L),
+                            jax.NamedSharding(mesh, jax.P("batch")))
+    res = _block(sfpjax.filter_beliefs(process, tokens))
+    print(f"\n## warm-up ramp: sfpjax on {jax.device_count()} devices, B={B}, L={L}, "
+          f"after {idle_s * 1e3:g} ms idle and k untimed calls (median of {repeats})")
+    for k in (1, 2, 4, 8, 16):
+        ts = []
+        for _ in range(repeats):
+            time.sleep(idle_s)
+            for _ in range(k):
+                res = _block(sfpjax.filter_beliefs(process, tokens, out=res))
+            t0 = time.perf_counter()
+            res = _block(sfpjax.filter_beliefs(process, tokens, out=res))
+            ts.append(time.perf_counter() - t0)
+        print(f"k={k:2d}: {B * L / np.median(ts) / 1e6:6.1f} M updates/s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B = 4096 only and 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 9, quick 3)")
     ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 4096 16384)")
     ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--warmup", type=float, default=0.05,
+                    help="seconds of untimed calls of a method before each of its timed calls "
+                         "(at least one call; 0 gives exactly one)")
+    ap.add_argument("--ramp", action="store_true",
+                    help="only print how sfpjax's speed ramps up after the machine idles (Mess3, B = 4096)")
     ap.add_argument("--devices", type=int, default=os.cpu_count(),
                     help="CPU devices JAX starts with, the batch split over them (default: one per core)")
     args = ap.parse_args()
@@ -302,6 +337,9 @@ def main():
           f"dynamax {'absent' if hmm_filter is None else 'present'}; "
           f"load average {os.getloadavg()[0]:.1f}")
     mess3 = sfpjax.mess3(0.15, 0.6)
+    if args.ramp:
+        warmup_ramp(mess3, 4096, args.length, jax.random.key(0))
+        return
     prod = sfpjax.product(sfpjax.mess3(0.15, 0.6), sfpjax.mess3(0.15, 0.6))
     key = jax.random.key(0)
     summary = []
@@ -309,7 +347,7 @@ def main():
         slow = ["numpy", "dynamax", "vmap_scan", "numba"]
         for label, proc in (("Mess3(0.15, 0.6)", mess3), ("Mess3 x Mess3", prod)):
             key, sub = jax.random.split(key)
-            summary.append((label, B, bench_case(label, proc, B, args.length, rounds, slow, sub)))
+            summary.append((label, B, bench_case(label, proc, B, args.length, rounds, slow, sub, args.warmup)))
     print("\n## summary: median per-round ratio method time / sfpjax time (out= reuse; fresh in brackets)")
     names = [n for n in ("dynamax", "vmap_scan", "numba") if any(n in rows for _, _, rows in summary)]
     one = lambda rows: f"{rows['sfpjax_1dev'][0]:.1f}" if "sfpjax_1dev" in rows else "-"
