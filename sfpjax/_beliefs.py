@@ -428,7 +428,7 @@ def filter_beliefs(
     device its own sequences, and the result is split the same way. On a multi-core CPU
     this is how to use every core: start JAX with one CPU device per core
     (``jax.config.update("jax_num_cpu_devices", n)`` before the first computation) and put
-    the tokens on a mesh of them (1.8-1.9x the one-device throughput on 2 cores). Tokens
+    the tokens on a mesh of them (about 2x the one-device throughput on 2 cores). Tokens
     sharded any other way are filtered by the single-device program.
 
     Returns:
