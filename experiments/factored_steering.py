@@ -9,8 +9,9 @@ semi-factored Z1R of seed 000 (sectors span{S0} + span{S1,SR} per factor, prior 
 p_matched on the matched block P00 and 1 - p_matched on P11). ``--p-mismatched q`` moves
 mass q onto the mismatched blocks P01 and P10 (q/2 each; the matched blocks keep the rest in
 the ratio p_matched : 1 - p_matched), so the model also sees sequences in the blocks that
-Table 2 steers into; q = 0 (the default) is seed 000's eq. 2.26, and q = 2 p (1 - p) with
-p = p_matched makes the sector prior a product (no correlation between the factors). For each regime: train the
+Table 2 steers into; q = 0 (the default) is seed 000's eq. 2.26, and q = 0.5 with
+p_matched = 0.5 makes the sector prior a product (no correlation between the factors; see
+``sfpjax.partitioned_z1r_sfp`` for other p_matched). For each regime: train the
 seed's transformer, read final-position blocks.1.hook_resid_post activations of held-out
 sequences with exact beliefs, fit probes, then steer every factor between every pair of
 synchronized marginal beliefs (S0, S1, SR) with three methods:
@@ -119,15 +120,7 @@ def build(regime: str, config: Config):
         z = sfpjax.z1r()
         return sfpjax.product(z, z), (z, z), None
     if regime == "semi":
-        if config.p_mismatched == 0.0:
-            sfp = sfpjax.partitioned_z1r_sfp(config.p_matched)
-        else:
-            p, q = config.p_matched, config.p_mismatched
-            if not 0.0 <= q <= 1.0:
-                raise ValueError(f"p_mismatched must lie in [0, 1], got {q}.")
-            z = sfpjax.partitioned_z1r()
-            prior = np.array([[p * (1 - q), q / 2], [q / 2, (1 - p) * (1 - q)]])
-            sfp = sfpjax.semi_factored([z, z], [[[0], [1, 2]], [[0], [1, 2]]], prior)
+        sfp = sfpjax.partitioned_z1r_sfp(config.p_matched, p_mismatched=config.p_mismatched)
         return sfp.process, sfp.factors, sfp.sectors
     raise ValueError(f"unknown regime {regime!r}; use 'factored' or 'semi'.")
 

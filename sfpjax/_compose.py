@@ -362,7 +362,9 @@ def semi_factored(
     return SemiFactoredProcess(process=process, factors=tuple(factors), prior=prior, sectors=sect)
 
 
-def partitioned_z1r_sfp(p_matched: Scalar = 0.5, *, dtype=None) -> SemiFactoredProcess:
+def partitioned_z1r_sfp(
+    p_matched: Scalar = 0.5, *, p_mismatched: Scalar = 0.0, dtype=None
+) -> SemiFactoredProcess:
     """The canonical SFP of seed 000: ``partitioned_z1r (x) partitioned_z1r``, matched sectors.
 
     Each factor is split ``span{S0} (+) span{S1, SR}``; the prior puts mass
@@ -371,18 +373,25 @@ def partitioned_z1r_sfp(p_matched: Scalar = 0.5, *, dtype=None) -> SemiFactoredP
 
         ``rho = p |S0,S0><S0,S0| + (1-p)/4 sum_{s,t in {S1,SR}} |s,t><s,t|``.
 
+    ``p_mismatched = q > 0`` moves mass ``q`` onto the mismatched blocks (``q/2`` on each of
+    ``(S0, {S1,SR})`` and ``({S1,SR}, S0)``); the matched blocks keep ``p (1 - q)`` and
+    ``(1 - p)(1 - q)``. The sector prior is a product (the factors independent) when
+    ``(1 - q) sqrt(p (1 - p)) = q / 2``, e.g. ``p = q = 0.5``. The default ``q = 0`` is
+    eq. 2.26 exactly.
+
     Joint symbols ``A, B, C, D = (0,0), (0,1), (1,0), (1,1)`` are ``0, 1, 2, 3`` (eq. 2.20).
-    Vmappable over ``p_matched``.
+    Vmappable over ``p_matched`` and ``p_mismatched``.
 
     >>> import numpy as np, sfpjax
     >>> print(np.round(np.asarray(sfpjax.partitioned_z1r_sfp(0.6).process.eta0), 3))
     [0.6 0.  0.  0.  0.1 0.1 0.  0.1 0.1]
     """
     _check_range("p_matched", p_matched, 0.0, 1.0)
+    _check_range("p_mismatched", p_mismatched, 0.0, 1.0)
     z = partitioned_z1r(dtype=dtype)
     p = jnp.asarray(p_matched, z.dtype)
-    zero = jnp.zeros((), z.dtype)
-    prior = jnp.stack([jnp.stack([p, zero]), jnp.stack([zero, 1 - p])])
+    q = jnp.asarray(p_mismatched, z.dtype)
+    prior = jnp.stack([jnp.stack([p * (1 - q), q / 2]), jnp.stack([q / 2, (1 - p) * (1 - q)])])
     return semi_factored([z, z], [[[0], [1, 2]], [[0], [1, 2]]], prior)
 
 

@@ -213,6 +213,20 @@ def test_partitioned_z1r_sfp_reproduces_eq_2_26():
     assert [j.tolist() for j in sfpjax.partitioned_z1r_sfp(0.5).joint_sectors()] == [[0], [1, 2], [3, 6], [4, 5, 7, 8]]
 
 
+def test_partitioned_z1r_sfp_with_mass_on_the_mismatched_blocks():
+    p = 0.3
+    r = np.sqrt(p * (1 - p))
+    independent = 2 * r / (1 + 2 * r)  # (1 - q) r = q / 2: the sector prior is a product
+    for q in (0.0, 0.2, independent):
+        sfp = sfpjax.partitioned_z1r_sfp(p, p_mismatched=q, dtype=F64)
+        w = np.asarray(sfpjax.sector_weights(sfp.process.eta0, sfp.sectors, factor_dims=sfp.factor_dims))
+        np.testing.assert_allclose(w, [[p * (1 - q), q / 2], [q / 2, (1 - p) * (1 - q)]], atol=1e-15)
+        assert sfpjax.is_partition_preserving(sfp.process, sfp.sectors, factor_dims=sfp.factor_dims)
+        assert bool(sfpjax.is_product_state(sfp.process.eta0, (3, 3))) == (q == independent)
+    np.testing.assert_array_equal(np.asarray(sfpjax.partitioned_z1r_sfp(p, p_mismatched=0.0).process.eta0),
+                                  np.asarray(sfpjax.partitioned_z1r_sfp(p).process.eta0))
+
+
 def test_sfp_sector_weights_are_conserved_along_words():
     sfp = sfpjax.partitioned_z1r_sfp(0.7, dtype=F64)
     # In a partition-preserving process Pr(sector | w) only moves by Bayes' rule on the
@@ -362,6 +376,7 @@ Z_SECTORS = [[0], [1, 2]]
         (lambda: sfpjax.semi_factored([Z.with_initial(jnp.array([0.0, 0.5, 0.5])), Z], [Z_SECTORS] * 2,
                                       np.eye(2) / 2), r"sector 0 of factor 0 has prior mass 0.5 but zero weight"),
         (lambda: sfpjax.partitioned_z1r_sfp(1.5), r"p_matched must lie in"),
+        (lambda: sfpjax.partitioned_z1r_sfp(0.5, p_mismatched=-0.1), r"p_mismatched must lie in"),
         (lambda: sfpjax.is_partition_preserving(Z, [[0], [1, 2]], factor_dims=(3,)), r"one partition per factor"),
         (lambda: sfpjax.is_partition_preserving(Z, [[[0]], [[0]]], factor_dims=(3, 3)),
          r"joint dimension 3 must equal the product of factor_dims"),
