@@ -199,12 +199,17 @@ def check(name, out, ref_beliefs, ref_lognorm, n):
     return err
 
 
+def split_over_devices(tokens):
+    """The tokens split along the batch axis over all devices (the documented multi-core use)."""
+    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    return jax.device_put(tokens, jax.NamedSharding(mesh, jax.P("batch")))
+
+
 def bench_case(label, process, B, L, rounds, methods, key, warmup_s):
     d = process.num_states
     tokens_1dev = sfpjax.sample(process, key=key, batch_size=B, seq_len=L)
     tokens_np = np.asarray(tokens_1dev)
-    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
-    tokens = jax.device_put(tokens_1dev, jax.NamedSharding(mesh, jax.P("batch")))
+    tokens = split_over_devices(tokens_1dev)
     n_ref = min(B, 512)
     ref_b, ref_l = numpy_filter(process.T, process.right, process.eta0, tokens_np[:n_ref])
     sfpjax_process = process
@@ -258,9 +263,8 @@ def bench_case(label, process, B, L, rounds, methods, key, warmup_s):
             # Untimed calls of the same method first, for at least warmup_s: the previous
             # method's worker threads keep spinning for a while after it returns (numba's
             # OpenMP threads, XLA's pool), and that cost belongs to neither; and these
-            # 2-core machines reach full speed only after tens of ms of load (a two-device
-            # sfpjax call after 20 ms idle: 208 M updates/s after one call, 235 after four,
-            # 248 after sixteen), which a single warm-up call gave the fastest method least.
+            # 2-core machines reach full speed only after tens of ms of load (`--ramp`
+            # prints the ramp), which a single warm-up call gave the fastest method least.
             warm_end = time.perf_counter() + warmup_s
             _block(fns[name]())
             while time.perf_counter() < warm_end:
@@ -296,9 +300,7 @@ def bench_case(label, process, B, L, rounds, methods, key, warmup_s):
 def warmup_ramp(process, B, L, key, idle_s=0.02, repeats=25):
     """sfpjax's time for a call after ``idle_s`` of idleness and k untimed calls: how long this
     machine takes to reach full speed (the reason for ``--warmup``)."""
-    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
-    tokens = jax.device_put(sfpjax.sample(process, key=key, batch_size=B, seq_len=L),
-                            jax.NamedSharding(mesh, jax.P("batch")))
+    tokens = split_over_devices(sfpjax.sample(process, key=key, batch_size=B, seq_len=L))
     res = _block(sfpjax.filter_beliefs(process, tokens))
     print(f"\n## warm-up ramp: sfpjax on {jax.device_count()} devices, B={B}, L={L}, "
           f"after {idle_s * 1e3:g} ms idle and k untimed calls (median of {repeats})")
