@@ -157,11 +157,7 @@ def main():
                     help="CPU devices JAX starts with for parts 1 and 3 (default: one per core)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not args.child:  # a child gets its device count from XLA_FLAGS
-        import jax
-
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    if args.child:
+    if args.child:  # a child gets its device count from XLA_FLAGS
         workload, n, rounds = args.child[0], int(args.child[1]), int(args.child[2])
         _, first, sweep_s, n_dev = time_sweep(make_point_fn(*WORKLOADS[workload]), n, rounds)
         print(json.dumps({"devices": n_dev, "points": n * n, "first_call_s": first, "sweep_s": sweep_s,
@@ -169,6 +165,7 @@ def main():
         return
     import jax
 
+    jax.config.update("jax_num_cpu_devices", args.devices)
     n, rounds, k, steps = (16, 2, 4, 50) if args.quick else (64, 3, 8, 200)
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, cpus: {os.cpu_count()}")
     for workload, (depth, distinct_depth) in WORKLOADS.items():
