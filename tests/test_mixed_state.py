@@ -25,7 +25,7 @@ def test_myopic_entropies_brute_force(kind):
 def test_myopic_entropies_depth_first_blocks_brute_force(kind, words_per_block):
     # Small blocks force the depth-first path (used for deep trees) at a depth the oracle
     # can enumerate; 1 word per block is the level-by-level path.
-    from sfpjax._mixed_state import _myopic_entropies
+    from sfpjax.inference._mixed_state import _myopic_entropies
 
     T, eta0, right = small_process(kind)
     p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
@@ -36,7 +36,7 @@ def test_myopic_entropies_depth_first_blocks_brute_force(kind, words_per_block):
 def test_myopic_entropies_deep_tree_vmapped_float32_matches_float64():
     # Depth 10 of a 3-symbol process takes the depth-first path; vmapped in float32 over a
     # small grid it matches the float64 level-by-level enumeration.
-    from sfpjax._mixed_state import _myopic_entropies
+    from sfpjax.inference._mixed_state import _myopic_entropies
 
     xs, a_s = jnp.array([0.05, 0.15, 0.3]), jnp.array([0.3, 0.6, 0.9])
     h32 = jax.vmap(lambda x, a: sfpjax.myopic_entropies(sfpjax.mess3(x, a, dtype=jnp.float32), 10))(xs, a_s)

@@ -89,7 +89,7 @@ def test_vmapped_sweep_equals_python_loop(getkey):
 def test_sweep_does_not_retrace_for_new_vectors_and_scales(getkey):
     model, cfg = _model(getkey())
     tokens = jr.randint(getkey(), (3, 6), 0, 4)
-    from sfpjax._steering import _sweep
+    from sfpjax.analysis._steering import _sweep
 
     sfpjax.steering_sweep(model, tokens, SITE, jnp.zeros(cfg.d_model), jnp.zeros(2))
     before = _sweep._cached._cache_size()

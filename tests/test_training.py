@@ -218,10 +218,10 @@ def test_make_step_compiles_once_and_donates():
     for i in range(3):
         model, opt_state, loss = step(model, opt_state, src, jr.fold_in(jr.key(0), i))
     assert np.isfinite(float(loss))
-    assert sfpjax._training._train_step._cached._cache_size() >= 1
-    before = sfpjax._training._train_step._cached._cache_size()
+    assert sfpjax.training._train._train_step._cached._cache_size() >= 1
+    before = sfpjax.training._train._train_step._cached._cache_size()
     model, opt_state, loss = step(model, opt_state, src, jr.key(9))
-    assert sfpjax._training._train_step._cached._cache_size() == before
+    assert sfpjax.training._train._train_step._cached._cache_size() == before
 
 
 def test_several_steps_per_call_make_the_same_updates():

@@ -25,8 +25,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from ._ghmm import _is_traced
-from ._structure import factor_marginals
+from ..processes._ghmm import _is_traced
+from ..processes._structure import factor_marginals
 
 __all__ = [
     "LinearProbe",

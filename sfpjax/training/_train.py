@@ -35,13 +35,13 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, UInt32
 
-from ._beliefs import filter_beliefs, next_token_probs
+from ..inference._filter import filter_beliefs, next_token_probs
 from ._checkpoint import _manager, latest_checkpoint, restore_checkpoint, save_checkpoint
 from ._data import ArraySource, ProcessSource, as_source
-from ._ghmm import GHMM
-from ._mixed_state import myopic_entropies
-from ._sampling import sample
-from ._structure import _entropy
+from ..processes._ghmm import GHMM
+from ..inference._mixed_state import myopic_entropies
+from ..inference._sampling import sample
+from ..processes._structure import _entropy
 
 __all__ = [
     "EvalResult",

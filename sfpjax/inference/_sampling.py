@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._beliefs import _check_process
-from ._ghmm import GHMM, is_hmm
+from ._filter import _check_process
+from ..processes._ghmm import GHMM, is_hmm
 
 __all__ = ["sample"]
 

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real
 
-from ._interventions import Intervention
-from ._model import Transformer
+from ..model._interventions import Intervention
+from ..model._transformer import Transformer
 from ._probes import LinearProbe, belief_centroids, probe_inverse
-from ._structure import _kron_vectors, factor_marginals
+from ..processes._structure import _kron_vectors, factor_marginals
 
 __all__ = [
     "add_vector",

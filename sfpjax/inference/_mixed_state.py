@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._beliefs import _check_process, _every_symbol, _symbol_rows, filter_beliefs
-from ._ghmm import GHMM
+from ._filter import _check_process, _every_symbol, _symbol_rows, filter_beliefs
+from ..processes._ghmm import GHMM
 from ._sampling import sample
-from ._structure import _entropy
+from ..processes._structure import _entropy
 
 __all__ = [
     "MixedStatePresentation",

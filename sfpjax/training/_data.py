@@ -16,8 +16,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray
 
-from ._ghmm import GHMM
-from ._sampling import sample
+from ..processes._ghmm import GHMM
+from ..inference._sampling import sample
 
 __all__ = ["ArraySource", "ProcessSource", "as_source"]
 

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._ghmm import GHMM
+from ..processes._ghmm import GHMM
 
 __all__ = [
     "factor_token_marginals",

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from ._ghmm import GHMM, _is_traced
+from ..processes._ghmm import GHMM, _is_traced
 
 __all__ = [
     "FilterResult",

@@ -1,0 +1,34 @@
+"""Generalized hidden Markov processes: the GHMM object, the zoo, composition (products, direct sums, semi-factored processes) and the structure of their belief states."""
+
+from ._ghmm import GHMM as GHMM
+from ._ghmm import is_hmm as is_hmm
+from ._ghmm import stationary_state as stationary_state
+from ._ghmm import validate_ghmm as validate_ghmm
+from ._zoo import coin as coin
+from ._zoo import even_process as even_process
+from ._zoo import golden_mean as golden_mean
+from ._zoo import mess3 as mess3
+from ._zoo import noisy_and as noisy_and
+from ._zoo import noisy_not as noisy_not
+from ._zoo import partitioned_z1r as partitioned_z1r
+from ._zoo import post_quantum as post_quantum
+from ._zoo import rrxor as rrxor
+from ._zoo import tom_quantum as tom_quantum
+from ._zoo import z1r as z1r
+from ._compose import SemiFactoredProcess as SemiFactoredProcess
+from ._compose import decode_tokens as decode_tokens
+from ._compose import direct_sum as direct_sum
+from ._compose import encode_tokens as encode_tokens
+from ._compose import is_partition_preserving as is_partition_preserving
+from ._compose import partition_leakage as partition_leakage
+from ._compose import partitioned_z1r_sfp as partitioned_z1r_sfp
+from ._compose import product as product
+from ._compose import semi_factored as semi_factored
+from ._compose import with_token_noise as with_token_noise
+from ._structure import density_matrix as density_matrix
+from ._structure import factor_marginals as factor_marginals
+from ._structure import factor_mutual_information as factor_mutual_information
+from ._structure import is_product_state as is_product_state
+from ._structure import nearest_product_state as nearest_product_state
+from ._structure import partial_trace as partial_trace
+from ._structure import sector_weights as sector_weights
