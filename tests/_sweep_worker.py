@@ -19,7 +19,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import sfpjax  # noqa: E402
-from sfpjax import _sweep  # noqa: E402
+from sfpjax.sweep import _engine as _sweep  # noqa: E402
 
 SHARD_GRID = dict(a=[0.3, -0.7, 1.1], b=[0.5, 2.0], seed=[0, 1])  # 12 points
 SHARD_CHUNK = 5  # padded to 8 on 8 devices: exercises padding and a short last chunk

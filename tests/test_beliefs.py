@@ -266,7 +266,7 @@ def test_many_sequences_match_a_numpy_loop(chunking, monkeypatch):
     # More sequences than one batch chunk, and a length that is not a whole number of blocks.
     # The accelerator chunking (all 1100 sequences in one chunk, what GPUs and TPUs run)
     # is checked here on CPU by giving the CPU program its chunk size.
-    from sfpjax import _beliefs
+    from sfpjax.inference import _filter as _beliefs
 
     rng = np.random.default_rng(10)
     T, eta0, right = random_ghmm(rng, 3, 3)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import sfpjax
-from sfpjax import _sweep
+from sfpjax.sweep import _engine as _sweep
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _sweep_worker as worker  # noqa: E402
