@@ -62,8 +62,11 @@ from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
 from .training import as_source as as_source
 from .training import EvalResult as EvalResult
+from .training import ModelConfig as ModelConfig
+from .training import SequenceModel as SequenceModel
 from .training import TrainConfig as TrainConfig
 from .training import TrainResult as TrainResult
+from .training import TrainStep as TrainStep
 from .training import evaluate as evaluate
 from .training import init_opt_state as init_opt_state
 from .training import loss_floor as loss_floor

@@ -210,6 +210,22 @@ def test_stack_of_two_models_equals_two_separate_runs():
         sfpjax.train_stack(models, procs[0], TC, keys=jr.split(jr.key(0), 3), progress=False)
 
 
+class _CountCompiles:
+    """Counts XLA compilations while active."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def test_make_step_compiles_once_and_donates():
     model = _model()
     opt_state = sfpjax.init_opt_state(OPT, model)
@@ -218,10 +234,22 @@ def test_make_step_compiles_once_and_donates():
     for i in range(3):
         model, opt_state, loss = step(model, opt_state, src, jr.fold_in(jr.key(0), i))
     assert np.isfinite(float(loss))
-    assert sfpjax.training._train._train_step._cached._cache_size() >= 1
-    before = sfpjax.training._train._train_step._cached._cache_size()
-    model, opt_state, loss = step(model, opt_state, src, jr.key(9))
-    assert sfpjax.training._train._train_step._cached._cache_size() == before
+    old_model = model
+    with _CountCompiles() as compiles:
+        model, opt_state, loss = step(model, opt_state, src, jr.key(9))
+    assert compiles.count == 0
+    assert old_model.W_U.is_deleted()  # donated
+
+
+def test_resumable_fields_are_marked_on_the_config():
+    assert sfpjax.TrainConfig.resumable_fields() == (
+        "eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_call")
+
+
+def test_model_protocol_is_checked():
+    assert isinstance(_model(), sfpjax.SequenceModel)
+    with pytest.raises(ValueError, match="must provide a `config` and a `batched"):
+        sfpjax.training._protocol.check_model(lambda tokens: tokens)
 
 
 def test_several_steps_per_call_make_the_same_updates():
