@@ -6,13 +6,19 @@ the parameters a run reaches (steps, batch, optimizer) and bookkeeping that does
 often to log, evaluate or checkpoint); a resumed run may change only the latter
 (:meth:`TrainConfig.resumable_fields`).
 
-The optimizer of a config is AdamW with the config's schedule.
+The optimizer of a config is AdamW with the config's schedule. ``make_optimizer`` returns an
+``optax`` transformation whose ``init`` and ``update`` compare and hash by the
+hyperparameters they were built from, so two runs with equal configs share one compiled
+training step instead of compiling it again for a fresh optimizer object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import optax
 
@@ -143,6 +149,22 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ByValue:
+    """``fn``, compared and hashed by ``recipe`` (the hyperparameters it was built from).
+
+    JIT caches key static arguments by equality; an ``optax`` transformation built afresh
+    holds fresh closures, which never compare equal. Wrapping them this way lets equal
+    configs reuse the compiled step.
+    """
+
+    recipe: tuple
+    fn: Callable[..., Any] = dataclasses.field(compare=False, repr=False)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 def optimizer_and_schedule(cfg: TrainConfig) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """:func:`make_optimizer` and the schedule inside it, built once, for the training loop."""
     if not isinstance(cfg, TrainConfig):
@@ -150,13 +172,25 @@ def optimizer_and_schedule(cfg: TrainConfig) -> tuple[optax.GradientTransformati
     schedule = make_schedule(cfg)
     adamw = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
     opt = adamw if cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return opt, schedule
+    skip = set(TrainConfig.resumable_fields())
+    recipe = ("adamw",) + tuple(
+        (f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in skip
+    )
+    wrapped = optax.GradientTransformationExtraArgs(
+        _ByValue(recipe + ("init",), opt.init), _ByValue(recipe + ("update",), opt.update)
+    )
+    return wrapped, schedule
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
     """AdamW with the schedule of ``cfg``, global-norm clipping and decay on matrices only.
 
+    Optimizers made from equal configs (bookkeeping fields aside) compare equal, so the
+    training steps built from them share one compiled program.
+
     >>> import sfpjax
-    >>> opt = sfpjax.make_optimizer(sfpjax.TrainConfig(steps=10, batch_size=1, seq_len=2))
+    >>> tc = sfpjax.TrainConfig(steps=10, batch_size=1, seq_len=2)
+    >>> sfpjax.make_optimizer(tc) == sfpjax.make_optimizer(tc)
+    True
     """
     return optimizer_and_schedule(cfg)[0]

@@ -2,6 +2,8 @@
 
 ``run_dir/metrics.jsonl`` holds one JSON row per logged step, appended as training goes
 and rewritten atomically on resume (cut back to the checkpoint the run continues from).
+A crash can tear the last line; since that row is past the last checkpoint (rows are
+written before the checkpoint of their step), reading drops it with a warning.
 Fingerprints (SHA-256 of the arrays of a pytree) record what a run was trained on, so that
 a resume with other data is refused.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -56,10 +59,33 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics log."""
+    """The rows of a metrics log; a torn last line is dropped with a warning.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (the file was edited or damaged).
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(
+                    f"{path}: dropped the torn last line {line[:60]!r} (a write interrupted by a "
+                    "crash); its row lies past the last checkpoint and is logged again on resume.",
+                    stacklevel=3,
+                )
+                break
+            raise ValueError(
+                f"{path} line {i + 1} is not valid JSON ({e.msg}); only the last line can be torn by "
+                "a crash. Delete that line (or move the file aside) and resume again."
+            ) from e
+    return rows
 
 
 class MetricsLog:
