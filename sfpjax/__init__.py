@@ -57,6 +57,10 @@ from .model import Transformer as Transformer
 from .model import TransformerBlock as TransformerBlock
 from .model import TransformerConfig as TransformerConfig
 from .model import Intervention as Intervention
+from .model import LoRAAdapter as LoRAAdapter
+from .model import LoRATransformer as LoRATransformer
+from .model import SteeredTransformer as SteeredTransformer
+from .model import lora_target_names as lora_target_names
 # Training
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
@@ -77,6 +81,12 @@ from .training import next_token_loss as next_token_loss
 from .training import per_position_loss as per_position_loss
 from .training import train as train
 from .training import train_stack as train_stack
+from .training import FullFinetune as FullFinetune
+from .training import HeadOnly as HeadOnly
+from .training import LoRA as LoRA
+from .training import SteeringVector as SteeringVector
+from .training import finetune as finetune
+from .training import finetune_stack as finetune_stack
 from .training import Checkpoint as Checkpoint
 from .training import CheckpointError as CheckpointError
 from .training import latest_checkpoint as latest_checkpoint

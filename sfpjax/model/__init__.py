@@ -4,3 +4,7 @@ from ._transformer import Transformer as Transformer
 from ._transformer import TransformerBlock as TransformerBlock
 from ._transformer import TransformerConfig as TransformerConfig
 from ._interventions import Intervention as Intervention
+from ._lora import LoRAAdapter as LoRAAdapter
+from ._lora import LoRATransformer as LoRATransformer
+from ._lora import lora_target_names as lora_target_names
+from ._steered import SteeredTransformer as SteeredTransformer

@@ -24,3 +24,9 @@ from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import restore_checkpoint as restore_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._finetune import FullFinetune as FullFinetune
+from ._finetune import HeadOnly as HeadOnly
+from ._finetune import LoRA as LoRA
+from ._finetune import SteeringVector as SteeringVector
+from ._finetune import finetune as finetune
+from ._finetune import finetune_stack as finetune_stack
