@@ -37,6 +37,9 @@ from .processes import is_product_state as is_product_state
 from .processes import nearest_product_state as nearest_product_state
 from .processes import partial_trace as partial_trace
 from .processes import sector_weights as sector_weights
+from .processes import PersonaWorld as PersonaWorld
+from .processes import marker_sector as marker_sector
+from .processes import persona_world as persona_world
 # Exact inference
 from .inference import FilterResult as FilterResult
 from .inference import belief_update as belief_update
@@ -61,6 +64,7 @@ from .model import Intervention as Intervention
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
 from .training import as_source as as_source
+from .training import persona_sequences as persona_sequences
 from .training import EvalResult as EvalResult
 from .training import TrainConfig as TrainConfig
 from .training import TrainResult as TrainResult

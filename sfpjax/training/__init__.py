@@ -21,3 +21,4 @@ from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import restore_checkpoint as restore_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._persona_data import persona_sequences as persona_sequences
