@@ -33,7 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, Float
 
 from ._compose import direct_sum, encode_tokens, product, semi_factored
 from ._ghmm import GHMM
@@ -321,7 +321,7 @@ class PersonaWorld(eqx.Module):
         return GHMM(self.clean_T, self.leaf_initial[self.leaf(name)], self.process.right,
                     dtype=self.process.dtype, validate=False)
 
-    def with_prior(self, prior: Float[ArrayLike, "nP nD"]) -> "PersonaWorld":
+    def with_prior(self, prior: Union[Float[Array, "nP nD"], Float[np.ndarray, "nP nD"], Sequence]) -> "PersonaWorld":
         """The same world with another prior over leaves (vmappable over ``prior``)."""
         prior = jnp.asarray(prior, self.process.dtype)
         _check_distribution(prior, (self.n_persona, self.n_domain), "the prior over leaves")
@@ -382,9 +382,9 @@ def persona_world(
     domain_bias: Params = 0.5,
     domain_enter: Params = 0.3,
     domain_stay: Params = 0.5,
-    prior: Float[ArrayLike, "nP nD"] | None = None,
-    persona_weights: Float[ArrayLike, " nP"] | None = None,
-    domain_weights: Float[ArrayLike, " nD"] | None = None,
+    prior: Union[Float[Array, "nP nD"], Float[np.ndarray, "nP nD"], Sequence, None] = None,
+    persona_weights: Union[Float[Array, " nP"], Float[np.ndarray, " nP"], Sequence[float], None] = None,
+    domain_weights: Union[Float[Array, " nD"], Float[np.ndarray, " nD"], Sequence[float], None] = None,
     mixing: Scalar = 0.0,
     matched: Sequence[tuple] | None = None,
     leak: Scalar = 0.0,
@@ -578,7 +578,7 @@ def persona_world(
             qmask = np.zeros(dQ)
             qmask[list(qsect[d])] = 1.0
             mask = np.kron(np.ones(dP), qmask)
-            T = T + product(pfactors[d], qfactor).T * jnp.asarray(np.outer(mask, mask), dtype)
+            T = T + product(pfactors[d], qfactor).T * jnp.asarray(np.outer(mask, mask), dtype)[None]
     leaf_init = jnp.stack([
         jnp.kron(_embed(pgrid[a][d].eta0, int(pstarts[a]), dP), _embed(dprocs[d].eta0, int(qstarts[d]), dQ))
         for a in range(nP) for d in range(nD)
