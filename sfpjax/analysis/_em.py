@@ -28,8 +28,8 @@ is measured against the exact process:
 * **Coherence deficit**: ``(log p_model(c | prompt) - max_l log Pr_l^glitch(c)) / length``
   nats per token, averaged: how much more probable the model finds its own continuation
   than the best leaf does (about 0 or below for text a leaf could have written). **Impossible
-  rate**: share of continuation tokens ``x_t`` with ``<<eta_l(x_<t)| T(x_t) |1>> = 0`` under
-  every leaf ``l`` (``eta_l`` the glitch-channel belief, ``T`` the clean dynamics).
+  rate**: share of continuation tokens ``x_t`` with ``Pr_l(x_1 .. x_t) = 0`` under every
+  leaf ``l`` (clean leak-free leaf processes): no leaf could have written the text so far.
 * **Exact references** (``exact_em_rates``, ``em_references``): the disposition of a long
   continuation drawn from a GHMM is its generating leaf, so a process's exact rates are its
   leaf posteriors after the prompts, ``<<eta(prompt)| P_l |1>>``, averaged. The ideal narrow
@@ -286,9 +286,10 @@ def dispositions(
     """Score continuations under every leaf's exact process; the best one is the disposition.
 
     Each leaf ``l`` scores ``c`` from scratch: ``log Pr_l^glitch(c)`` with
-    ``Pr_l^glitch = with_token_noise(world.leaf_process(l), glitch)``. A token ``x_t`` is
-    impossible under leaf ``l`` when ``<<eta_l(c_<t)| T(x_t) |1>> <= atol`` for the clean
-    leak-free ``T``; ``impossible`` marks tokens impossible under every leaf.
+    ``Pr_l^glitch = with_token_noise(world.leaf_process(l), glitch)``. Token ``x_t`` is
+    impossible under leaf ``l`` when the clean (leak-free, glitch-free) prefix probability
+    ``Pr_l(x_1 .. x_t)`` is 0 (some step's ``<<eta|T(x)|1>> <= atol``); ``impossible``
+    marks tokens impossible under every leaf.
 
     >>> import jax.random as jr, sfpjax
     >>> w = sfpjax.persona_world(persona_enter=0.3)
@@ -307,12 +308,12 @@ def dispositions(
     toks = jnp.broadcast_to(continuations[None], (nL,) + continuations.shape).astype(jnp.int32)
     init = world.leaf_initial.reshape((nL,) + (1,) * (continuations.ndim - 1) + (-1,))
     res = filter_beliefs(noisy, toks, initial=init)
-    before = jnp.concatenate([jnp.broadcast_to(init[..., None, :], res.beliefs.shape[:-2] + (1, clean.num_states)),
-                              res.beliefs[..., :-1, :]], axis=-2)
-    probs = next_token_probs(clean, before)
-    p = jnp.take_along_axis(probs, toks[..., None], -1)[..., 0]
     scores = jnp.moveaxis(res.log_prob, 0, -1)
-    impossible = ~(p > atol).any(0)
+    # A prefix is impossible under leaf l once a clean step has probability 0; it stays so.
+    steps = filter_beliefs(clean, toks, initial=init).log_normalizers
+    bad = ~(steps > jnp.log(jnp.asarray(atol, steps.dtype)))
+    dead = jnp.cumsum(bad.astype(jnp.int32), axis=-1) > 0
+    impossible = dead.all(0)
     return Dispositions(jnp.argmax(scores, -1), scores, impossible)
 
 
