@@ -176,3 +176,29 @@ def test_bad_arguments_raise(world, prompts):
         sfpjax.narrow_learner(world, {"ZZ": 1.0})
     with pytest.raises(ValueError, match="probability distribution"):
         sfpjax.persona_learner(world, {"MD": 0.5})
+
+
+def test_emergent_misalignment_experiment_tiny(tmp_path):
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import emergent_misalignment
+
+    results = emergent_misalignment.main(["--preset", "tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    entry = saved["priors"]["correlated"]
+    assert set(entry["conditions"]) == {"head_MD", "full_MD_trigger"}
+    for c in entry["conditions"].values():
+        t = c["trajectory"]
+        assert t["step"] == [0, 4, 8] and np.asarray(t["broad"]).shape == (3, 2)
+        assert all(0.0 <= b <= 1.0 for row in t["broad"] for b in row)
+        refs = c["references"]
+        # The exact references: narrow learner keeps O behaviour, persona learner is fully broad.
+        assert refs["narrow"]["broad"] == pytest.approx(refs["pretrained"]["broad"], abs=1e-5)
+        assert refs["persona"]["broad"] == pytest.approx(1.0, abs=1e-5)
+    assert results["priors"]["correlated"]["prior"] == entry["prior"]
+    assert (tmp_path / "report.md").read_text().startswith("# Emergent misalignment")
+    for name in ("broad_em_correlated.png", "dispositions_correlated.png"):
+        assert (tmp_path / name).stat().st_size > 0
