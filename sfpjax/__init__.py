@@ -37,6 +37,9 @@ from .processes import is_product_state as is_product_state
 from .processes import nearest_product_state as nearest_product_state
 from .processes import partial_trace as partial_trace
 from .processes import sector_weights as sector_weights
+from .processes import PersonaWorld as PersonaWorld
+from .processes import marker_sector as marker_sector
+from .processes import persona_world as persona_world
 # Exact inference
 from .inference import FilterResult as FilterResult
 from .inference import belief_update as belief_update
@@ -65,6 +68,7 @@ from .model import lora_target_names as lora_target_names
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
 from .training import as_source as as_source
+from .training import persona_sequences as persona_sequences
 from .training import EvalResult as EvalResult
 from .training import ModelConfig as ModelConfig
 from .training import SequenceModel as SequenceModel
@@ -132,6 +136,24 @@ from .analysis import sector_token_classes as sector_token_classes
 from .analysis import specificity_ratio as specificity_ratio
 from .analysis import steering_kls as steering_kls
 from .analysis import token_class_masses as token_class_masses
+# Emergent misalignment
+from .analysis import EvalPrompts as EvalPrompts
+from .analysis import eval_prompts as eval_prompts
+from .analysis import persona_log_odds as persona_log_odds
+from .analysis import exact_persona_log_odds as exact_persona_log_odds
+from .analysis import sample_continuations as sample_continuations
+from .analysis import Dispositions as Dispositions
+from .analysis import dispositions as dispositions
+from .analysis import EMRates as EMRates
+from .analysis import em_rates as em_rates
+from .analysis import exact_em_rates as exact_em_rates
+from .analysis import EMMetrics as EMMetrics
+from .analysis import em_metrics as em_metrics
+from .analysis import narrow_learner as narrow_learner
+from .analysis import persona_learner as persona_learner
+from .analysis import EMReferences as EMReferences
+from .analysis import em_references as em_references
+from .analysis import broadness_index as broadness_index
 # Sweeps
 from .sweep import Grid as Grid
 from .sweep import SweepResult as SweepResult

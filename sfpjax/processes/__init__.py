@@ -32,3 +32,6 @@ from ._structure import is_product_state as is_product_state
 from ._structure import nearest_product_state as nearest_product_state
 from ._structure import partial_trace as partial_trace
 from ._structure import sector_weights as sector_weights
+from ._persona import PersonaWorld as PersonaWorld
+from ._persona import marker_sector as marker_sector
+from ._persona import persona_world as persona_world

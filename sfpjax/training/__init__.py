@@ -30,3 +30,4 @@ from ._finetune import LoRA as LoRA
 from ._finetune import SteeringVector as SteeringVector
 from ._finetune import finetune as finetune
 from ._finetune import finetune_stack as finetune_stack
+from ._persona_data import persona_sequences as persona_sequences

@@ -1,0 +1,173 @@
+"""Persona worlds: block structure, leaf restriction and knobs, against brute force in float64."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import sfpjax
+
+F64 = jnp.float64
+
+
+def word_probs(T, eta0, right, L):
+    """Pr(w) for every word of length L, by explicit matrix products (float64)."""
+    T, eta0, right = (np.asarray(a, np.float64) for a in (T, eta0, right))
+    out = {}
+    for w in itertools.product(range(T.shape[0]), repeat=L):
+        v = eta0
+        for x in w:
+            v = v @ T[x]
+        out[w] = float(v @ right)
+    return out
+
+
+def test_leaves_are_kronecker_blocks_weighted_by_the_prior():
+    prior = np.array([[0.4, 0.1], [0.2, 0.3]])
+    w = sfpjax.persona_world(prior=prior, persona_enter=[0.2, 0.4], domain_bias=[0.7, 0.4], dtype=F64)
+    assert sfpjax.is_partition_preserving(w.process, w.sectors, factor_dims=w.factor_dims)
+    VP, VQ = w.persona_vocab, w.domain_vocab
+    subs_p = [sfpjax.marker_sector(2, 2, a, enter=[0.2, 0.4][a], dtype=F64) for a in range(2)]
+    subs_q = [sfpjax.marker_sector(2, 2, d, bias=[0.7, 0.4][d], enter=0.3, dtype=F64) for d in range(2)]
+    got = word_probs(w.process.T, w.process.eta0, w.process.right, 3)
+    per_p = [word_probs(p.T, p.eta0, p.right, 3) for p in subs_p]
+    per_q = [word_probs(q.T, q.eta0, q.right, 3) for q in subs_q]
+    for word, pr in got.items():
+        wp = tuple(x // VQ for x in word)
+        wq = tuple(x % VQ for x in word)
+        want = sum(prior[a, d] * per_p[a][wp] * per_q[d][wq] for a in range(2) for d in range(2))
+        assert pr == pytest.approx(want, abs=1e-12)
+    # One leaf alone: the Kronecker product of its two sub-processes.
+    md = w.restrict({"MD": 1.0})
+    got = word_probs(md.T, md.eta0, md.right, 3)
+    for word, pr in got.items():
+        assert pr == pytest.approx(per_p[1][tuple(x // VQ for x in word)] * per_q[0][tuple(x % VQ for x in word)],
+                                   abs=1e-12)
+    lp = w.leaf_process("MD")
+    assert np.allclose(lp.eta0, md.eta0) and np.allclose(lp.T, w.clean_T)
+
+
+def test_partitioned_z1r_sfp_is_a_persona_world():
+    z = sfpjax.partitioned_z1r(dtype=F64)
+    s0 = sfpjax.GHMM(z.T[:, :1, :1], jnp.ones((1,), F64), dtype=F64)
+    s1r = sfpjax.GHMM(z.T[:, 1:, 1:], jnp.full((2,), 0.5, F64), dtype=F64)
+    for p in (0.3, 0.8):
+        w = sfpjax.persona_world(persona_processes=[s0, s1r], domain_processes=[s0, s1r],
+                                 prior=[[p, 0.0], [0.0, 1 - p]], dtype=F64)
+        ref = sfpjax.partitioned_z1r_sfp(p, dtype=F64).process
+        np.testing.assert_allclose(w.process.T, ref.T, atol=1e-14)
+        np.testing.assert_allclose(w.process.eta0, ref.eta0, atol=1e-14)
+        np.testing.assert_allclose(w.process.right, ref.right, atol=1e-14)
+    # Marker classes found from the arrays: only {S1, SR} emits symbol 1.
+    assert w.persona_markers == (((),), ((1,),))
+
+
+def test_product_prior_and_matched_mixing():
+    w0 = sfpjax.persona_world(persona_weights=[0.7, 0.3], domain_weights=[0.4, 0.6], dtype=F64)
+    np.testing.assert_allclose(w0.prior, np.outer([0.7, 0.3], [0.4, 0.6]), atol=1e-15)
+    w1 = sfpjax.persona_world(mixing=1.0, matched=[("M", "D"), ("A", "O")], dtype=F64)
+    np.testing.assert_allclose(w1.prior, [[0, 0.5], [0.5, 0]], atol=1e-15)
+    wm = sfpjax.persona_world(mixing=0.5, dtype=F64)
+    np.testing.assert_allclose(wm.prior, [[0.375, 0.125], [0.125, 0.375]], atol=1e-15)
+    # The sector weights of the initial state are the prior.
+    sw = sfpjax.sector_weights(wm.process.eta0, wm.sectors, factor_dims=wm.factor_dims)
+    np.testing.assert_allclose(sw, wm.prior, atol=1e-14)
+
+
+def test_entangled_markers_are_domain_specific_and_blocks_stay_diagonal():
+    w = sfpjax.persona_world(entangled=True, dtype=F64)
+    assert w.persona_vocab == 2 + 4
+    assert w.markers("M", "D") != w.markers("M", "O")
+    assert sfpjax.is_partition_preserving(w.process, w.sectors, factor_dims=w.factor_dims)
+    VQ = w.domain_vocab
+    for leaf in w.leaf_names:
+        a, d = w.persona_names.index(leaf[0]), w.domain_names.index(leaf[1])
+        probs = word_probs(w.clean_T, w.leaf_process(leaf).eta0, w.process.right, 2)
+        seen = {x // VQ for word, pr in probs.items() if pr > 0 for x in word} - {0, 1}
+        assert seen == set(w.markers(a, d))
+
+
+def test_leak_breaks_partition_preservation_and_keeps_a_ghmm():
+    w = sfpjax.persona_world(leak=0.2, dtype=F64)
+    assert not sfpjax.is_partition_preserving(w.process, w.sectors, factor_dims=w.factor_dims)
+    assert sfpjax.is_partition_preserving(w.clean_T, w.sectors, factor_dims=w.factor_dims)
+    sfpjax.validate_ghmm(w.process, hmm=True)
+    # Started in AD, the misaligned marker becomes possible only through the leak.
+    ad = w.restrict({"AD": 1.0})
+    probs = word_probs(ad.T, ad.eta0, ad.right, 3)
+    m_marker = w.markers("M")[0]
+    leaked = sum(pr for word, pr in probs.items() if any(x // w.domain_vocab == m_marker for x in word))
+    assert leaked > 0.0
+    clean = word_probs(w.clean_T, ad.eta0, ad.right, 3)
+    assert sum(pr for word, pr in clean.items() if any(x // w.domain_vocab == m_marker for x in word)) == 0.0
+
+
+def test_trigger_moves_the_persona_to_the_misaligned_marker_inside_its_sector():
+    w = sfpjax.persona_world(trigger_rate=0.1, trigger_stay=0.5, dtype=F64)
+    assert w.trigger == w.persona_vocab - 1
+    assert sfpjax.is_partition_preserving(w.process, w.sectors, factor_dims=w.factor_dims)
+    ad = w.leaf_process("AD")
+    VQ = w.domain_vocab
+    probs = word_probs(ad.T, ad.eta0, ad.right, 2)
+    m = w.markers("M")[0]
+    # In the aligned sector, the M marker follows the trigger and nothing else.
+    assert all(pr == 0 for word, pr in probs.items() if word[1] // VQ == m and word[0] // VQ != w.trigger)
+    after = sum(pr for word, pr in probs.items() if word[0] // VQ == w.trigger and word[1] // VQ == m)
+    trig = sum(pr for word, pr in probs.items() if word[0] // VQ == w.trigger)
+    assert trig == pytest.approx(0.1) and after / trig == pytest.approx(1.0, abs=1e-12)
+    toks = sfpjax.persona_sequences(w, {"MD": 1.0}, key=jr.key(1), batch_size=64, seq_len=5, trigger_prefix=True)
+    assert bool((toks[:, 0] // VQ == w.trigger).all())
+    assert bool((toks[:, 1] // VQ == m).all())
+
+
+def test_leaf_restricted_and_mixed_sequences():
+    w = sfpjax.persona_world(persona_enter=0.4, dtype=F64)
+    VQ = w.domain_vocab
+    toks = np.asarray(sfpjax.persona_sequences(w, {"MD": 1.0}, key=jr.key(0), batch_size=64, seq_len=20))
+    assert not np.isin(toks // VQ, w.markers("A")).any() and np.isin(toks // VQ, w.markers("M")).any()
+    assert not np.isin(toks % VQ, [2 + w.domain_names.index("O")]).any()
+    toks = np.asarray(sfpjax.persona_sequences(w, {"MD": 0.5, "AO": 0.5}, key=jr.key(0), batch_size=256, seq_len=20))
+    has_m = np.isin(toks // VQ, w.markers("M")).any(1)
+    has_a = np.isin(toks // VQ, w.markers("A")).any(1)
+    assert not (has_m & has_a).any()
+    assert 0.3 < has_m.mean() < 0.7
+
+
+def test_knobs_vmap():
+    leaks = jnp.array([0.0, 0.1, 0.3], F64)
+    mixes = jnp.array([0.0, 0.5, 1.0], F64)
+    stack = jax.vmap(lambda e, m: sfpjax.persona_world(leak=e, mixing=m, dtype=F64))(leaks, mixes)
+    for k in range(3):
+        one = sfpjax.persona_world(leak=float(leaks[k]), mixing=float(mixes[k]), dtype=F64)
+        np.testing.assert_allclose(stack.process.T[k], one.process.T, atol=1e-14)
+        np.testing.assert_allclose(stack.process.eta0[k], one.process.eta0, atol=1e-14)
+    grid = jax.vmap(lambda p: sfpjax.persona_world(prior=p, dtype=F64))(jnp.eye(4, dtype=F64).reshape(4, 2, 2))
+    assert grid.prior.shape == (4, 2, 2)
+
+
+def test_bad_knobs_raise():
+    with pytest.raises(ValueError, match="probability distribution"):
+        sfpjax.persona_world(prior=[[0.5, 0.5], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="probability distribution"):
+        sfpjax.persona_world(prior=[[1.2, -0.2], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="shape"):
+        sfpjax.persona_world(prior=[0.5, 0.5])
+    for leak in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"leak must lie in \[0.0, 1.0\)"):
+            sfpjax.persona_world(leak=leak)
+    with pytest.raises(ValueError, match="unknown persona sector 'X'"):
+        sfpjax.persona_world(misaligned="X")
+    with pytest.raises(ValueError, match="unknown domain sector"):
+        sfpjax.persona_world(matched=[("A", "Z")], mixing=0.5)
+    w = sfpjax.persona_world()
+    with pytest.raises(ValueError, match="unknown leaf 'XD'"):
+        w.restrict({"XD": 1.0})
+    with pytest.raises(ValueError, match="trigger_rate"):
+        sfpjax.persona_sequences(w, {"MD": 1.0}, key=jr.key(0), batch_size=2, seq_len=3, trigger_prefix=True)
+    with pytest.raises(ValueError, match="mixing must lie"):
+        sfpjax.persona_world(mixing=1.5)
+    with pytest.raises(ValueError, match="share one alphabet"):
+        sfpjax.persona_world(domain_processes=[sfpjax.coin(), sfpjax.mess3()])
