@@ -192,7 +192,7 @@ def top_latents(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"top_latents: n must be a positive int, got {n!r}.")
     gap = np.abs(s - float(center))
-    order = np.argsort(np.where(np.isnan(gap), -np.inf, -gap), kind="stable")
+    order = np.argsort(np.where(np.isnan(gap), np.inf, -gap), kind="stable")
     return order[: min(int(n), s.size)]
 
 

@@ -261,7 +261,7 @@ class SAE(eqx.Module):
         self.log_threshold = jnp.full((config.d_sae,), math.log(config.init_threshold), dtype)
         self.batch_threshold = jnp.zeros((), dtype)
         self.k = jnp.asarray(k, jnp.int32)
-        self.latent_mask = jnp.arange(config.d_sae) < jnp.asarray(n_latents, jnp.int32)
+        self.latent_mask = jnp.arange(config.d_sae, dtype=jnp.int32) < jnp.asarray(n_latents, jnp.int32)
 
     @property
     def d_in(self) -> int:
@@ -512,7 +512,7 @@ def _batch_topk(sae: SAE, H):
     n = H.shape[0]
     R = jnp.where(sae.latent_mask[None, :], jax.nn.relu(H), 0.0)
     vals = jax.lax.top_k(R.reshape(-1), n * sae.config.k)[0]
-    kept = jnp.arange(n * sae.config.k) < n * sae.k
+    kept = jnp.arange(n * sae.config.k, dtype=jnp.int32) < n * sae.k
     kth = jnp.take(vals, n * sae.k - 1)
     z = jnp.where((R >= kth) & (R > 0), R, 0.0).astype(H.dtype)
     smallest = jnp.min(jnp.where(kept & (vals > 0), vals, jnp.inf))
