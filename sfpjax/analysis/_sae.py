@@ -251,17 +251,10 @@ class SAE(eqx.Module):
         n_latents = config.d_sae if n_latents is None else n_latents
         if not isinstance(k, jax.core.Tracer) and not isinstance(n_latents, jax.core.Tracer):
             _check_sizes(config, np.asarray(k), np.asarray(n_latents))
-        atoms = jr.normal(key, (config.d_sae, config.d_in), dtype)
-        atoms = atoms / jnp.linalg.norm(atoms, axis=-1, keepdims=True)
+        arrays = _init_arrays(config, key, jnp.asarray(k, jnp.int32), jnp.asarray(n_latents, jnp.int32), dtype)
         self.config = config
-        self.W_dec = atoms
-        self.W_enc = atoms.T
-        self.b_enc = jnp.zeros((config.d_sae,), dtype)
-        self.b_dec = jnp.zeros((config.d_in,), dtype)
-        self.log_threshold = jnp.full((config.d_sae,), math.log(config.init_threshold), dtype)
-        self.batch_threshold = jnp.zeros((), dtype)
-        self.k = jnp.asarray(k, jnp.int32)
-        self.latent_mask = jnp.arange(config.d_sae, dtype=jnp.int32) < jnp.asarray(n_latents, jnp.int32)
+        (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.log_threshold, self.batch_threshold,
+         self.k, self.latent_mask) = arrays
 
     @property
     def d_in(self) -> int:
@@ -288,8 +281,7 @@ class SAE(eqx.Module):
     def pre_activations(self, x: Float[ArrayLike, "*batch d_in"]) -> Float[Array, "*batch d_sae"]:
         """``h = (x - b_dec) W_enc + b_enc`` for activations of any leading shape."""
         x = self._check_input(x, "pre_activations")
-        lead = x.shape[:-1]
-        return self._pre_rows(x.reshape(-1, self.d_in)).reshape(*lead, self.d_sae)
+        return _pre_jit(self, x)
 
     def _sigma_rows(self, H):
         """Inference-mode latents of pre-activations ``H`` ``(n, d_sae)``."""
@@ -314,22 +306,54 @@ class SAE(eqx.Module):
         per-latent thresholds. Masked-off latents are 0.
         """
         x = self._check_input(x, "encode")
-        lead = x.shape[:-1]
-        return self._sigma_rows(self._pre_rows(x.reshape(-1, self.d_in))).reshape(*lead, self.d_sae)
+        return _encode_jit(self, x)
 
     def decode(self, z: Float[ArrayLike, "*batch d_sae"]) -> Float[Array, "*batch d_in"]:
         """``x_hat = z W_dec + b_dec``."""
         z = jnp.asarray(z)
         if z.ndim < 1 or z.shape[-1] != self.d_sae:
             raise ValueError(f"SAE.decode: latents must have shape (..., d_sae={self.d_sae}), got {z.shape}.")
-        z = z.astype(self.W_dec.dtype)
-        lead = z.shape[:-1]
-        out = z.reshape(-1, self.d_sae) @ self.W_dec + self.b_dec[None, :]
-        return out.reshape(*lead, self.d_in)
+        return _decode_jit(self, z.astype(self.W_dec.dtype))
 
     def __call__(self, x: Float[ArrayLike, "*batch d_in"]) -> Float[Array, "*batch d_in"]:
         """The reconstruction ``x_hat = decode(encode(x))``."""
         return self.decode(self.encode(x))
+
+
+# Jitted at the public boundary: eager, every operation would compile on its own.
+@eqx.filter_jit
+def _pre_jit(sae: SAE, x):
+    lead = x.shape[:-1]
+    return sae._pre_rows(x.reshape(-1, sae.d_in)).reshape(*lead, sae.d_sae)
+
+
+@eqx.filter_jit
+def _encode_jit(sae: SAE, x):
+    lead = x.shape[:-1]
+    return sae._sigma_rows(sae._pre_rows(x.reshape(-1, sae.d_in))).reshape(*lead, sae.d_sae)
+
+
+@eqx.filter_jit
+def _decode_jit(sae: SAE, z):
+    lead = z.shape[:-1]
+    out = z.reshape(-1, sae.d_sae) @ sae.W_dec + sae.b_dec[None, :]
+    return out.reshape(*lead, sae.d_in)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _init_arrays(config: SAEConfig, key, k, n_latents, dtype):
+    atoms = jr.normal(key, (config.d_sae, config.d_in), dtype)
+    atoms = atoms / jnp.linalg.norm(atoms, axis=-1, keepdims=True)
+    return (
+        atoms.T,
+        jnp.zeros((config.d_sae,), dtype),
+        atoms,
+        jnp.zeros((config.d_in,), dtype),
+        jnp.full((config.d_sae,), math.log(config.init_threshold), dtype),
+        jnp.zeros((), dtype),
+        k,
+        jnp.arange(config.d_sae, dtype=jnp.int32) < n_latents,
+    )
 
 
 def _check_sizes(config: SAEConfig, k: np.ndarray, n_latents: np.ndarray):

@@ -94,12 +94,18 @@ def sae_metrics(
     """
     if not 0.0 <= dense_threshold <= 1.0:
         raise ValueError(f"dense_threshold must lie in [0, 1], got {dense_threshold}.")
-    z = sae.encode(acts)
-    x = jnp.asarray(acts).astype(z.dtype)
-    x = x.reshape(-1, sae.d_in)
-    z = z.reshape(-1, sae.d_sae)
-    if x.shape[0] == 0:
+    x = jnp.asarray(acts)
+    if x.ndim < 1 or x.shape[-1] != sae.d_in:
+        raise ValueError(f"sae_metrics: activations must have shape (..., d_in={sae.d_in}), got {x.shape}.")
+    if x.size == 0:
         raise ValueError("sae_metrics: got no activation rows.")
+    return _metrics(sae, x.reshape(-1, sae.d_in), float(dense_threshold))
+
+
+@eqx.filter_jit
+def _metrics(sae, x, dense_threshold):
+    z = sae.encode(x)
+    x = x.astype(z.dtype)
     err = x - sae.decode(z)
     active = z > 0
     l0 = jnp.mean(jnp.sum(active, axis=-1).astype(z.dtype))
