@@ -108,7 +108,9 @@ from .analysis import probe_inverse as probe_inverse
 from .analysis import probe_r2 as probe_r2
 from .analysis import probe_rmse as probe_rmse
 from .analysis import train_test_split as train_test_split
+from .analysis import DirectionOverlaps as DirectionOverlaps
 from .analysis import SubspaceAngles as SubspaceAngles
+from .analysis import direction_overlaps as direction_overlaps
 from .analysis import n_components_for_variance as n_components_for_variance
 from .analysis import pca_explained_variance as pca_explained_variance
 from .analysis import subspace_angles as subspace_angles
@@ -154,6 +156,26 @@ from .analysis import persona_learner as persona_learner
 from .analysis import EMReferences as EMReferences
 from .analysis import em_references as em_references
 from .analysis import broadness_index as broadness_index
+# Sparse autoencoders and their latents
+from .analysis import SAE as SAE
+from .analysis import SAEConfig as SAEConfig
+from .analysis import SAETrainConfig as SAETrainConfig
+from .analysis import SAETrainResult as SAETrainResult
+from .analysis import sae_stack as sae_stack
+from .analysis import site_activations as site_activations
+from .analysis import train_sae as train_sae
+from .analysis import train_sae_stack as train_sae_stack
+from .analysis import SAEMetrics as SAEMetrics
+from .analysis import SpliceMetrics as SpliceMetrics
+from .analysis import sae_intervention as sae_intervention
+from .analysis import sae_metrics as sae_metrics
+from .analysis import splice_metrics as splice_metrics
+from .analysis import zero_ablation as zero_ablation
+from .analysis import LatentActivationShift as LatentActivationShift
+from .analysis import compare_latent_activations as compare_latent_activations
+from .analysis import latent_auroc as latent_auroc
+from .analysis import latent_correlation as latent_correlation
+from .analysis import top_latents as top_latents
 # Sweeps
 from .sweep import Grid as Grid
 from .sweep import SweepResult as SweepResult

@@ -1,4 +1,4 @@
-"""Analysis of trained models against exact answers: linear probes, subspace geometry, steering vectors and their metrics."""
+"""Analysis of trained models against exact answers: linear probes, subspace geometry, steering vectors and their metrics, sparse autoencoders and their latents."""
 
 from ._probes import LinearProbe as LinearProbe
 from ._probes import ProbeMetrics as ProbeMetrics
@@ -11,7 +11,9 @@ from ._probes import probe_inverse as probe_inverse
 from ._probes import probe_r2 as probe_r2
 from ._probes import probe_rmse as probe_rmse
 from ._probes import train_test_split as train_test_split
+from ._geometry import DirectionOverlaps as DirectionOverlaps
 from ._geometry import SubspaceAngles as SubspaceAngles
+from ._geometry import direction_overlaps as direction_overlaps
 from ._geometry import n_components_for_variance as n_components_for_variance
 from ._geometry import pca_explained_variance as pca_explained_variance
 from ._geometry import subspace_angles as subspace_angles
@@ -55,3 +57,22 @@ from ._em import persona_learner as persona_learner
 from ._em import EMReferences as EMReferences
 from ._em import em_references as em_references
 from ._em import broadness_index as broadness_index
+from ._sae import SAE as SAE
+from ._sae import SAEConfig as SAEConfig
+from ._sae import SAETrainConfig as SAETrainConfig
+from ._sae import SAETrainResult as SAETrainResult
+from ._sae import sae_stack as sae_stack
+from ._sae import site_activations as site_activations
+from ._sae import train_sae as train_sae
+from ._sae import train_sae_stack as train_sae_stack
+from ._sae_metrics import SAEMetrics as SAEMetrics
+from ._sae_metrics import SpliceMetrics as SpliceMetrics
+from ._sae_metrics import sae_intervention as sae_intervention
+from ._sae_metrics import sae_metrics as sae_metrics
+from ._sae_metrics import splice_metrics as splice_metrics
+from ._sae_metrics import zero_ablation as zero_ablation
+from ._features import LatentActivationShift as LatentActivationShift
+from ._features import compare_latent_activations as compare_latent_activations
+from ._features import latent_auroc as latent_auroc
+from ._features import latent_correlation as latent_correlation
+from ._features import top_latents as top_latents

@@ -8,13 +8,16 @@ traceable. Inputs may be NumPy or (concrete) JAX arrays.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
 __all__ = [
+    "DirectionOverlaps",
     "SubspaceAngles",
+    "direction_overlaps",
     "n_components_for_variance",
     "pca_explained_variance",
     "subspace_angles",
@@ -104,6 +107,105 @@ def subspace_angles(
         overlap=float(np.sum(cos[:k] ** 2) / k),
         ranks=(int(Q1.shape[1]), int(Q2.shape[1])),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectionOverlaps:
+    """Pairwise principal-angle geometry of named sets of directions (``direction_overlaps``).
+
+    Attributes:
+        names: the set names, in the order of the matrices' rows and columns.
+        overlap: ``(m, m)``, ``subspace_angles(W_i, W_j).overlap`` (mean squared cosine of
+            the principal angles; 1 on the diagonal).
+        min_angle: ``(m, m)``, the smallest principal angle in radians (0: the subspaces
+            share a direction).
+        max_cosine: ``(m, m)``, ``cos(min_angle)``; for two single directions the absolute
+            cosine similarity.
+        chance: ``(m, m)``, the expected overlap of uniformly random subspaces of the same
+            ranks in ``d_act`` dimensions, ``max(r_i, r_j) / d_act`` (off the diagonal).
+        ranks: numerical rank of each set.
+    """
+
+    names: tuple[str, ...]
+    overlap: np.ndarray
+    min_angle: np.ndarray
+    max_cosine: np.ndarray
+    chance: np.ndarray
+    ranks: tuple[int, ...]
+
+    def table(self) -> list[dict]:
+        """One row per unordered pair ``i < j``: names, overlap, min angle (degrees), chance."""
+        rows = []
+        for i in range(len(self.names)):
+            for j in range(i + 1, len(self.names)):
+                rows.append(
+                    {
+                        "a": self.names[i],
+                        "b": self.names[j],
+                        "overlap": float(self.overlap[i, j]),
+                        "min_angle_deg": float(np.degrees(self.min_angle[i, j])),
+                        "max_cosine": float(self.max_cosine[i, j]),
+                        "chance": float(self.chance[i, j]),
+                    }
+                )
+        return rows
+
+
+def direction_overlaps(
+    directions: Mapping[str, Float[ArrayLike, "_d_act _k"] | Float[ArrayLike, " _d_act"]],
+    *,
+    rtol: float = 1e-8,
+) -> DirectionOverlaps:
+    """Principal angles and overlaps between every pair of named sets of directions.
+
+    Each entry is a vector ``(d_act,)`` or a matrix ``(d_act, k)`` whose columns span a
+    subspace of activation space; every pair goes through :func:`subspace_angles`.
+    Examples in the residual basis: a steering vector; probe weights ``W`` ``(d_model,
+    d_target)`` (the subspace the probe reads); the directions of a rank-``r`` LoRA update
+    ``Delta W`` (``x -> x W`` layout). On a matrix that reads the residual stream
+    (``W_in``, ``W_QKV``) the update only sees the projection of ``x`` onto the column
+    space of ``Delta W`` ``(d_model, d_out)``; on one that writes to it (``W_out``, ``W_O``)
+    it writes within the row space, so pass ``Delta W.T``. In the PyTorch convention
+    ``Delta W = B A`` these are the rows of ``A`` and the columns of ``B``.
+
+    Args:
+        directions: mapping from a name to a vector or matrix with ``d_act`` rows; at least
+            two entries, all with the same ``d_act``.
+        rtol: relative cutoff of the numerical rank (as in ``subspace_angles``).
+
+    >>> import numpy as np, sfpjax
+    >>> e = np.eye(4)
+    >>> r = sfpjax.direction_overlaps({"probe": e[:, :2], "steer": e[:, 0] + e[:, 2], "lora_B": e[:, 3]})
+    >>> np.round(r.overlap, 3).tolist()
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    >>> float(r.chance[0, 1]), round(float(np.degrees(r.min_angle[0, 1])), 1)
+    (0.5, 45.0)
+    """
+    if not isinstance(directions, Mapping) or len(directions) < 2:
+        raise ValueError("direction_overlaps: directions must be a mapping from names to arrays, with at least two entries.")
+    names = tuple(str(n) for n in directions)
+    mats = [_host(directions[n], f"directions[{n!r}]", "direction_overlaps") for n in directions]
+    widths = {n: m.shape[0] if m.ndim in (1, 2) else None for n, m in zip(names, mats)}
+    if None in widths.values() or len(set(widths.values())) != 1:
+        shapes = {n: tuple(m.shape) for n, m in zip(names, mats)}
+        raise ValueError(
+            f"direction_overlaps: every entry must be (d_act,) or (d_act, k) with one shared d_act; got {shapes}."
+        )
+    d = next(iter(widths.values()))
+    m = len(names)
+    overlap = np.eye(m)
+    min_angle = np.zeros((m, m))
+    ranks = [0] * m
+    for i in range(m):
+        for j in range(i + 1, m):
+            r = subspace_angles(mats[i], mats[j], rtol=rtol)
+            overlap[i, j] = overlap[j, i] = r.overlap
+            min_angle[i, j] = min_angle[j, i] = r.angles[0]
+            ranks[i], ranks[j] = r.ranks
+    rk = np.asarray(ranks, np.float64)
+    chance = np.maximum(rk[:, None], rk[None, :]) / d
+    np.fill_diagonal(chance, 1.0)
+    return DirectionOverlaps(names, overlap, min_angle, np.cos(min_angle), chance, tuple(ranks))
 
 
 def pca_explained_variance(acts: Float[ArrayLike, "... d"]) -> np.ndarray:
