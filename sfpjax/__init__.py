@@ -183,3 +183,21 @@ from .sweep import grid as grid
 from .sweep import load_sweep as load_sweep
 from .sweep import points as points
 from .sweep import run_sweep as run_sweep
+# Drift monitoring
+from .analysis import DriftPCA as DriftPCA
+from .analysis import TraitDirections as TraitDirections
+from .analysis import activation_norm_drift as activation_norm_drift
+from .analysis import drift_along as drift_along
+from .analysis import drift_pca as drift_pca
+from .analysis import mean_activation as mean_activation
+from .analysis import random_directions as random_directions
+from .analysis import trait_directions as trait_directions
+from .analysis import CrossValidation as CrossValidation
+from .analysis import HeldOutEvaluation as HeldOutEvaluation
+from .analysis import MonitorScores as MonitorScores
+from .analysis import TraitMonitor as TraitMonitor
+from .analysis import alarm_steps as alarm_steps
+from .analysis import cross_validate_monitor as cross_validate_monitor
+from .analysis import evaluate_held_out as evaluate_held_out
+from .analysis import fit_monitor as fit_monitor
+from .analysis import monitor_scores as monitor_scores
