@@ -32,3 +32,10 @@ from ._structure import is_product_state as is_product_state
 from ._structure import nearest_product_state as nearest_product_state
 from ._structure import partial_trace as partial_trace
 from ._structure import sector_weights as sector_weights
+from ._conditional import ConditionalProcess as ConditionalProcess
+from ._conditional import conditional_product as conditional_product
+from ._conditional import conditional_transitions as conditional_transitions
+from ._conditional import decode_tokens_explicit as decode_tokens_explicit
+from ._conditional import encode_tokens_explicit as encode_tokens_explicit
+from ._conditional import product_of_experts as product_of_experts
+from ._conditional import sequential_chain as sequential_chain
