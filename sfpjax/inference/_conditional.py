@@ -20,7 +20,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ..processes._conditional import ConditionalProcess
 
@@ -102,7 +102,7 @@ def _filter(process: ConditionalProcess, tokens: Int[Array, "B L"]):
     return jax.vmap(one)(tokens)
 
 
-def filter_conditional(process: ConditionalProcess, tokens: Int[Array, "*batch L"]) -> ConditionalFilterResult:
+def filter_conditional(process: ConditionalProcess, tokens: Int[ArrayLike, "*batch L"]) -> ConditionalFilterResult:
     """The factor states after every prefix, and the per-step log probabilities.
 
     Runs ``process.update`` from ``process.eta0`` along each sequence: factor ``i`` moves

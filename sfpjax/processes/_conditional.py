@@ -78,7 +78,7 @@ __all__ = [
 # A factor: one GHMM (one variant), a GHMM with stacked T (K, V, d, d), or a sequence of GHMMs.
 Factor = Union[GHMM, Sequence[GHMM]]
 ControlMap = Union[None, int, Sequence[int], Int[ArrayLike, " n"]]
-InitialStates = Sequence[Union[Float[ArrayLike, " d"], Sequence[float], None]]
+InitialStates = Sequence[Union[Float[ArrayLike, " _d"], Sequence[float], None]]
 Table = Union[Int[ArrayLike, "V F"], Sequence[Sequence[int]]]
 
 
@@ -272,30 +272,16 @@ class ConditionalProcess(eqx.Module):
                 "factor states, so the law of a word is not <<eta(0)|T(w)|1>> for fixed T(x). Filter it with "
                 "sfpjax.filter_conditional (exact), which follows the factor states."
             )
-        ke, kt, tup = self.emission_variants(), self.transition_variants(), self.token_to_tuple
         self._check_shared_rights()
-        mismatch = jnp.zeros((), self.dtype)
-        for i in range(self.num_factors):
-            w = self.rights[i][0]
-            ve = self.T[i][ke[:, i], tup[:, i]] @ w
-            vt = self.T[i][kt[:, i], tup[:, i]] @ w
-            mismatch = jnp.maximum(mismatch, jnp.abs(ve - vt).max())
+        mismatch, T, eta0 = _joint_arrays(self)
         atol = _default_atol(self.dtype)
-        if not _is_traced(mismatch):
-            if float(mismatch) > atol:
-                self._raise_mismatch(ke, kt, tup, atol)
-        eta0 = [e / (e @ r[0]) for e, r in zip(self.eta0, self.rights)]
+        if not _is_traced(mismatch) and float(mismatch) > atol:
+            self._raise_mismatch(self.emission_variants(), self.transition_variants(), self.token_to_tuple, atol)
         parentless = all(not p for p in self.transition_parents)
         if parentless and self.vocab_size == math.prod(self.vocab_sizes) and _is_radix(self.token_to_tuple):
             factors = [GHMM(t[m[0]], e, r[0], dtype=self.dtype)
                        for t, m, e, r in zip(self.T, self.transition_maps, eta0, self.rights)]
             return product(*factors)
-        mats = [self.T[i][kt[:, i], tup[:, i]] for i in range(self.num_factors)]
-        T = mats[0]
-        for m in mats[1:]:
-            V, a, _ = T.shape
-            b = m.shape[-1]
-            T = jnp.einsum("xij,xkl->xikjl", T, m).reshape(V, a * b, a * b)
         if _is_traced(mismatch):
             T = eqx.error_if(
                 T, mismatch > atol,
@@ -356,6 +342,28 @@ class ConditionalProcess(eqx.Module):
                         "differently from the emission law, which no GHMM on the joint state does; use "
                         "sfpjax.filter_conditional (exact for this process)."
                     )
+
+
+@jax.jit
+def _joint_arrays(process: ConditionalProcess):
+    """``(largest emission mismatch, T of the joint GHMM, factor initial states)``, in one
+    compiled call (eager, the dozens of small gathers and products each compile on their own)."""
+    ke, kt, tup = process.emission_variants(), process.transition_variants(), process.token_to_tuple
+    mismatch = jnp.zeros((), process.dtype)
+    mats = []
+    for i in range(process.num_factors):
+        w = process.rights[i][0]
+        emit = process.T[i][ke[:, i], tup[:, i]]
+        move = process.T[i][kt[:, i], tup[:, i]]
+        mismatch = jnp.maximum(mismatch, jnp.abs(emit @ w - move @ w).max())
+        mats.append(move)
+    T = mats[0]
+    for m in mats[1:]:
+        V, a, _ = T.shape
+        b = m.shape[-1]
+        T = jnp.einsum("xij,xkl->xikjl", T, m).reshape(V, a * b, a * b)
+    eta0 = tuple(e / (e @ r[0]) for e, r in zip(process.eta0, process.rights))
+    return mismatch, T, eta0
 
 
 def _emission(Tx: Array, right: Array, eta: Array) -> Array:
