@@ -40,6 +40,13 @@ from .processes import sector_weights as sector_weights
 from .processes import PersonaWorld as PersonaWorld
 from .processes import marker_sector as marker_sector
 from .processes import persona_world as persona_world
+from .processes import ConditionalProcess as ConditionalProcess
+from .processes import conditional_product as conditional_product
+from .processes import conditional_transitions as conditional_transitions
+from .processes import decode_tokens_explicit as decode_tokens_explicit
+from .processes import encode_tokens_explicit as encode_tokens_explicit
+from .processes import product_of_experts as product_of_experts
+from .processes import sequential_chain as sequential_chain
 # Exact inference
 from .inference import FilterResult as FilterResult
 from .inference import belief_update as belief_update
@@ -55,6 +62,10 @@ from .inference import myopic_entropies as myopic_entropies
 from .inference import num_distinct_beliefs as num_distinct_beliefs
 from .inference import word_beliefs as word_beliefs
 from .inference import sample as sample
+from .inference import ConditionalFilterResult as ConditionalFilterResult
+from .inference import filter_conditional as filter_conditional
+from .inference import myopic_entropies_conditional as myopic_entropies_conditional
+from .inference import sample_conditional as sample_conditional
 # Model
 from .model import Transformer as Transformer
 from .model import TransformerBlock as TransformerBlock

@@ -14,3 +14,7 @@ from ._mixed_state import myopic_entropies as myopic_entropies
 from ._mixed_state import num_distinct_beliefs as num_distinct_beliefs
 from ._mixed_state import word_beliefs as word_beliefs
 from ._sampling import sample as sample
+from ._conditional import ConditionalFilterResult as ConditionalFilterResult
+from ._conditional import filter_conditional as filter_conditional
+from ._conditional import myopic_entropies_conditional as myopic_entropies_conditional
+from ._conditional import sample_conditional as sample_conditional
