@@ -57,6 +57,10 @@ from .model import Transformer as Transformer
 from .model import TransformerBlock as TransformerBlock
 from .model import TransformerConfig as TransformerConfig
 from .model import Intervention as Intervention
+from .model import Rollout as Rollout
+from .model import completion_log_probs as completion_log_probs
+from .model import generate as generate
+from .model import sample_completions as sample_completions
 # Training
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
@@ -79,6 +83,14 @@ from .training import CheckpointError as CheckpointError
 from .training import latest_checkpoint as latest_checkpoint
 from .training import restore_checkpoint as restore_checkpoint
 from .training import save_checkpoint as save_checkpoint
+from .training import ArrayPrompts as ArrayPrompts
+from .training import PromptBatch as PromptBatch
+from .training import PromptSource as PromptSource
+from .training import RLConfig as RLConfig
+from .training import RLResult as RLResult
+from .training import make_rl_step as make_rl_step
+from .training import rl_train as rl_train
+from .training import rl_train_stack as rl_train_stack
 # Probes and geometry
 from .analysis import LinearProbe as LinearProbe
 from .analysis import ProbeMetrics as ProbeMetrics

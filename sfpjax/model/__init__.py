@@ -4,3 +4,7 @@ from ._transformer import Transformer as Transformer
 from ._transformer import TransformerBlock as TransformerBlock
 from ._transformer import TransformerConfig as TransformerConfig
 from ._interventions import Intervention as Intervention
+from ._generate import Rollout as Rollout
+from ._generate import completion_log_probs as completion_log_probs
+from ._generate import generate as generate
+from ._generate import sample_completions as sample_completions

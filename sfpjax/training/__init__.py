@@ -21,3 +21,11 @@ from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import restore_checkpoint as restore_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._rl import ArrayPrompts as ArrayPrompts
+from ._rl import PromptBatch as PromptBatch
+from ._rl import PromptSource as PromptSource
+from ._rl import RLConfig as RLConfig
+from ._rl import RLResult as RLResult
+from ._rl import make_rl_step as make_rl_step
+from ._rl import rl_train as rl_train
+from ._rl import rl_train_stack as rl_train_stack
