@@ -104,6 +104,11 @@ from .analysis import probe_r2 as probe_r2
 from .analysis import probe_rmse as probe_rmse
 from .analysis import train_test_split as train_test_split
 from .analysis import SubspaceAngles as SubspaceAngles
+from .analysis import ProbeComparison as ProbeComparison
+from .analysis import TiltFit as TiltFit
+from .analysis import compare_probes as compare_probes
+from .analysis import heldout_r2 as heldout_r2
+from .analysis import reweighting_residual as reweighting_residual
 from .analysis import n_components_for_variance as n_components_for_variance
 from .analysis import pca_explained_variance as pca_explained_variance
 from .analysis import subspace_angles as subspace_angles

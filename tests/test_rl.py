@@ -221,3 +221,69 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="kl_weights must have shape"):
         models = eqx.filter_vmap(lambda _: ref)(jnp.arange(2))
         sfpjax.rl_train_stack(models, ref, src, prefer_zero, rc, keys=jr.split(jr.key(0), 2), kl_weights=jnp.array([0.1]))
+
+
+# The composing-vs-reweighting signature.
+
+
+def _rand_logp(rng, shape):
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(rng.normal(size=shape) * 1.5)), np.float64)
+
+
+def test_reweighting_residual_is_zero_for_an_exact_tilt_and_recovers_one_over_beta():
+    rng = np.random.default_rng(0)
+    ref = _rand_logp(rng, (50, 4))
+    r = rng.uniform(size=(50, 4))
+    beta = 0.3
+    pi = np.asarray(jax.nn.log_softmax(jnp.asarray(ref + r / beta)))
+    fit = sfpjax.reweighting_residual(pi, ref, r[..., None])
+    assert float(jnp.max(fit.residual)) < 1e-9
+    np.testing.assert_allclose(fit.lam[:, 0], 1 / beta, rtol=1e-5)
+    # One shared coefficient suffices too; and a global symbol preference is a shared tilt.
+    shared = sfpjax.reweighting_residual(pi, ref, r[..., None], shared=True)
+    assert float(shared.mean) < 1e-9 and shared.lam.shape == (1,)
+    pref = np.asarray(jax.nn.log_softmax(jnp.asarray(ref + np.array([2.0, 0.0, -1.0, 0.0]))))
+    onehot = sfpjax.reweighting_residual(pref, ref, shared=True)
+    assert float(onehot.mean) < 1e-9
+    np.testing.assert_allclose(onehot.lam, [2.0, 0.0, -1.0], atol=1e-5)
+
+
+def test_reweighting_residual_of_a_non_tilt_is_the_brute_force_minimum():
+    rng = np.random.default_rng(1)
+    ref = _rand_logp(rng, (3, 3))
+    pi = _rand_logp(rng, (3, 3))
+    r = rng.uniform(size=(3, 3))
+    fit = sfpjax.reweighting_residual(pi, ref, r[..., None])
+    grid = np.linspace(-30, 30, 60001)
+    for h in range(3):
+        s = ref[h][None] + grid[:, None] * r[h][None]
+        logq = s - np.log(np.exp(s).sum(1, keepdims=True))
+        kl = (np.exp(pi[h])[None] * (pi[h][None] - logq)).sum(1)
+        assert float(fit.residual[h]) == pytest.approx(kl.min(), abs=1e-6)
+        assert float(fit.residual[h]) > 1e-3
+    # A context-dependent change is not a shared symbol reweighting.
+    assert float(sfpjax.reweighting_residual(pi, ref, shared=True).mean) > 1e-2
+
+
+def test_reweighting_residual_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        sfpjax.reweighting_residual(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="features must have shape"):
+        sfpjax.reweighting_residual(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_compare_probes_sees_a_latent_appear_and_the_subspace_turn():
+    rng = np.random.default_rng(2)
+    n = 400
+    a, b = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    implies = ((1 - a) | b).astype(float)[:, None]
+    beliefs = np.stack([a, b], 1).astype(float)
+    basis = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    # Before: a and b written linearly, the composite not; after: the composite gets its own direction.
+    before = beliefs @ basis[:2] + 0.01 * rng.normal(size=(n, 8))
+    after = before + implies @ basis[2:3]
+    out = sfpjax.compare_probes(before, after, {"beliefs": beliefs, "implies": implies}, key=jr.key(0))
+    assert out["beliefs"].r2_before > 0.99 and out["beliefs"].r2_after > 0.99
+    assert out["implies"].r2_before < 0.8 < 0.99 < out["implies"].r2_after
+    assert out["beliefs"].overlap > 0.99
+    assert out["implies"].overlap < 0.9

@@ -38,3 +38,8 @@ from ._steering_metrics import sector_token_classes as sector_token_classes
 from ._steering_metrics import specificity_ratio as specificity_ratio
 from ._steering_metrics import steering_kls as steering_kls
 from ._steering_metrics import token_class_masses as token_class_masses
+from ._composition import ProbeComparison as ProbeComparison
+from ._composition import TiltFit as TiltFit
+from ._composition import compare_probes as compare_probes
+from ._composition import heldout_r2 as heldout_r2
+from ._composition import reweighting_residual as reweighting_residual
