@@ -75,6 +75,10 @@ from .model import LoRAAdapter as LoRAAdapter
 from .model import LoRATransformer as LoRATransformer
 from .model import SteeredTransformer as SteeredTransformer
 from .model import lora_target_names as lora_target_names
+from .model import Rollout as Rollout
+from .model import completion_log_probs as completion_log_probs
+from .model import generate as generate
+from .model import sample_completions as sample_completions
 # Training
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
@@ -107,6 +111,14 @@ from .training import CheckpointError as CheckpointError
 from .training import latest_checkpoint as latest_checkpoint
 from .training import restore_checkpoint as restore_checkpoint
 from .training import save_checkpoint as save_checkpoint
+from .training import ArrayPrompts as ArrayPrompts
+from .training import PromptBatch as PromptBatch
+from .training import PromptSource as PromptSource
+from .training import RLConfig as RLConfig
+from .training import RLResult as RLResult
+from .training import make_rl_step as make_rl_step
+from .training import rl_train as rl_train
+from .training import rl_train_stack as rl_train_stack
 # Probes and geometry
 from .analysis import LinearProbe as LinearProbe
 from .analysis import ProbeMetrics as ProbeMetrics
@@ -122,6 +134,11 @@ from .analysis import train_test_split as train_test_split
 from .analysis import DirectionOverlaps as DirectionOverlaps
 from .analysis import SubspaceAngles as SubspaceAngles
 from .analysis import direction_overlaps as direction_overlaps
+from .analysis import ProbeComparison as ProbeComparison
+from .analysis import TiltFit as TiltFit
+from .analysis import compare_probes as compare_probes
+from .analysis import heldout_r2 as heldout_r2
+from .analysis import reweighting_residual as reweighting_residual
 from .analysis import n_components_for_variance as n_components_for_variance
 from .analysis import pca_explained_variance as pca_explained_variance
 from .analysis import subspace_angles as subspace_angles

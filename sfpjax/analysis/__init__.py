@@ -93,3 +93,8 @@ from ._monitor import cross_validate_monitor as cross_validate_monitor
 from ._monitor import evaluate_held_out as evaluate_held_out
 from ._monitor import fit_monitor as fit_monitor
 from ._monitor import monitor_scores as monitor_scores
+from ._composition import ProbeComparison as ProbeComparison
+from ._composition import TiltFit as TiltFit
+from ._composition import compare_probes as compare_probes
+from ._composition import heldout_r2 as heldout_r2
+from ._composition import reweighting_residual as reweighting_residual
