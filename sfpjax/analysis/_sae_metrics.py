@@ -35,7 +35,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ..model._interventions import Intervention
 from ..model._transformer import Transformer
-from ..training._train import per_position_loss
+from ..training._loss import per_position_loss
 from ._sae import SAE
 from ._steering_metrics import kl_divergence
 

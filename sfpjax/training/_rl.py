@@ -53,7 +53,7 @@ from ..inference._sampling import sample
 from ..model._generate import completion_log_probs, sample_completions
 from ..processes._ghmm import GHMM, is_hmm
 from ._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from ._train import init_opt_state
+from ._step import init_opt_state
 
 __all__ = [
     "ArrayPrompts",
@@ -506,7 +506,10 @@ def _run(model, reference, prompts, reward, cfg, *, key, kl_weight, optimizer, t
         reference_stacked=reference_stacked, prompts_stacked=prompts_stacked, reward_stacked=reward_stacked,
     )
     _check_models(model, reference, prompts, cfg, stacked, reference_stacked)
-    opt_state = init_opt_state(step_fn.optimizer, model, trainable=trainable, stacked=stacked)
+    def init(m):
+        return init_opt_state(step_fn.optimizer, m, trainable=trainable)
+
+    opt_state = eqx.filter_vmap(init)(model) if stacked else init(model)
     kw = jnp.asarray(kl_weight, jnp.float32)
     fingerprint = _fingerprint(reference, prompts, reward, kw)
 
