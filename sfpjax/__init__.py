@@ -218,6 +218,7 @@ from .analysis import activation_norm_drift as activation_norm_drift
 from .analysis import drift_along as drift_along
 from .analysis import drift_pca as drift_pca
 from .analysis import mean_activation as mean_activation
+from .analysis import persona_traits as persona_traits
 from .analysis import random_directions as random_directions
 from .analysis import trait_directions as trait_directions
 from .analysis import CrossValidation as CrossValidation

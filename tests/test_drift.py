@@ -127,3 +127,30 @@ def test_fewer_than_two_classes_is_an_error():
 def test_alarm_steps():
     flags = np.array([[False, True, True], [False, False, False], [True, False, True]])
     assert sfpjax.alarm_steps(flags, steps=[0, 5, 10]).tolist() == [5, -1, 0]
+
+
+def test_persona_traits_match_the_leaf_decomposition_of_the_posterior(getkey):
+    world = sfpjax.persona_world(trigger_rate=0.1, mixing=0.3)
+    tokens = sfpjax.sample(world.process, key=getkey(), batch_size=6, seq_len=5)
+    traits = sfpjax.persona_traits(world, tokens, confident=0.8)
+    assert set(traits) == {"misaligned", "misaligned_marker", "domain_D", "misaligned_elsewhere",
+                           "persona_uncertain", "predictable", "trigger_seen"}
+    # Oracle: without leak, P(a, d | x_1..t) = prior(a, d) Pr_{ad}(x_1..t) / sum over leaves.
+    prior = np.asarray(world.prior, np.float64).reshape(-1)
+    logp = np.stack([
+        np.stack([np.asarray(sfpjax.sequence_log_prob(world.leaf_process(l), tokens[:, : t + 1]), np.float64)
+                  for t in range(tokens.shape[1])], axis=1)
+        for l in range(prior.size)
+    ], axis=-1)
+    joint = prior * np.exp(logp)
+    post = (joint / joint.sum(-1, keepdims=True)).reshape(6, 5, world.n_persona, world.n_domain)
+    p_m = post[..., world.misaligned, :].sum(-1).reshape(-1)
+    p_a = post[..., world.aligned, :].sum(-1).reshape(-1)
+    np.testing.assert_array_equal(traits["misaligned"][0], p_m > 0.8)
+    np.testing.assert_array_equal(traits["misaligned"][1], p_a > 0.8)
+    persona_symbol = np.asarray(tokens) // world.domain_vocab
+    seen = np.cumsum(persona_symbol == world.trigger, axis=1) > 0
+    np.testing.assert_array_equal(traits["trigger_seen"][0], seen.reshape(-1))
+    for pos, neg in traits.values():
+        assert pos.shape == neg.shape == (30,)
+        assert not np.any(pos & neg)

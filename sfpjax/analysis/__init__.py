@@ -82,6 +82,7 @@ from ._drift import activation_norm_drift as activation_norm_drift
 from ._drift import drift_along as drift_along
 from ._drift import drift_pca as drift_pca
 from ._drift import mean_activation as mean_activation
+from ._drift import persona_traits as persona_traits
 from ._drift import random_directions as random_directions
 from ._drift import trait_directions as trait_directions
 from ._monitor import CrossValidation as CrossValidation

@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from ..inference._filter import filter_beliefs, next_token_probs
 from ..model._transformer import Transformer
+from ..processes._persona import PersonaWorld
+from ..processes._structure import sector_weights
 
 __all__ = [
     "DriftPCA",
@@ -34,6 +37,7 @@ __all__ = [
     "drift_along",
     "drift_pca",
     "mean_activation",
+    "persona_traits",
     "random_directions",
     "trait_directions",
 ]
@@ -108,6 +112,76 @@ def trait_directions(
         vectors.append(diff / norm)
         norms.append(norm)
     return TraitDirections(tuple(names), np.stack(vectors), np.asarray(norms))
+
+
+def persona_traits(
+    world: PersonaWorld, tokens: Int[ArrayLike, "batch seq"], *, confident: float = 0.9
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Seven traits of persona-world contexts, from the exact beliefs, as context masks.
+
+    A context is a sequence ``b`` read up to position ``t`` (``x_1 .. x_{t+1}``, the
+    belief-alignment convention), so the masks line up with the rows of
+    ``site_activations(model, tokens, site)`` of a model without BOS (drop the BOS position
+    with ``position_mask`` otherwise). With ``P(a, d)`` the exact leaf posterior of the
+    context, ``c = confident``, ``M``/``A`` the misaligned/aligned persona sectors and ``D``
+    the fine-tuning domain, each trait is (positive contexts, negative contexts):
+
+    * ``misaligned``: ``P(M) > c`` vs ``P(A) > c`` (which persona is speaking);
+    * ``misaligned_marker``: the last persona symbol is a marker of ``M`` vs a content
+      symbol (the persona acting out, not only being inferred);
+    * ``domain_D``: ``P(D) > c`` vs ``P(D) < 1 - c``;
+    * ``misaligned_elsewhere``: ``P(M, not D) > 1/2`` vs ``P(A, not D) > 1/2`` (the
+      combination that broad emergent misalignment produces);
+    * ``persona_uncertain``: the entropy of the persona posterior is in its highest quartile
+      over the contexts vs its lowest (how settled the persona is);
+    * ``predictable``: the exact next-token entropy is in its lowest quartile vs its
+      highest (coherent, constrained text vs free text);
+    * ``trigger_seen``: the trigger occurred in the context vs not (only when the world
+      has a trigger).
+
+    Returns ``name -> (positive, negative)`` boolean masks of shape ``(batch * seq,)``,
+    sequence-major, for :func:`trait_directions`.
+
+    >>> import jax.random as jr, sfpjax
+    >>> w = sfpjax.persona_world(trigger_rate=0.05)
+    >>> toks = sfpjax.sample(w.process, key=jr.key(0), batch_size=64, seq_len=8)
+    >>> sorted(sfpjax.persona_traits(w, toks))[:3]
+    ['domain_D', 'misaligned', 'misaligned_elsewhere']
+    """
+    if not isinstance(world, PersonaWorld):
+        raise ValueError(f"persona_traits needs a sfpjax.PersonaWorld, got {type(world).__name__}.")
+    if not 0.5 < confident < 1:
+        raise ValueError(f"confident must lie in (0.5, 1), got {confident}.")
+    tokens = jnp.asarray(tokens)
+    res = filter_beliefs(world.process, tokens)
+    w = np.asarray(sector_weights(res.beliefs, world.sectors, factor_dims=world.factor_dims,
+                                  right=world.process.right), np.float64)
+    M, A, D = world.misaligned, world.aligned, world.finetune_domain
+    other = [d for d in range(world.n_domain) if d != D]
+    persona, domain = w.sum(-1), w.sum(-2)
+    probs = np.asarray(next_token_probs(world.process, res.beliefs), np.float64)
+    entropy = -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+    lo, hi = np.quantile(entropy, [0.25, 0.75])
+    p = np.clip(persona, 1e-300, 1.0)
+    persona_entropy = -np.sum(np.where(persona > 0, persona * np.log(p), 0.0), axis=-1)
+    plo, phi = np.quantile(persona_entropy, [0.25, 0.75])
+    symbol = np.asarray(tokens) // world.domain_vocab
+    m_markers = sorted({x for d in range(world.n_domain) for x in world.markers(M, d)})
+    specials = {x for a in range(world.n_persona) for d in range(world.n_domain) for x in world.markers(a, d)}
+    if world.trigger is not None:
+        specials.add(world.trigger)
+    traits = {
+        "misaligned": (persona[..., M] > confident, persona[..., A] > confident),
+        "misaligned_marker": (np.isin(symbol, m_markers), ~np.isin(symbol, sorted(specials))),
+        "domain_D": (domain[..., D] > confident, domain[..., D] < 1 - confident),
+        "misaligned_elsewhere": (w[..., M, other].sum(-1) > 0.5, w[..., A, other].sum(-1) > 0.5),
+        "persona_uncertain": (persona_entropy >= phi, persona_entropy <= plo),
+        "predictable": (entropy <= lo, entropy >= hi),
+    }
+    if world.trigger is not None:
+        seen = np.cumsum(symbol == world.trigger, axis=-1) > 0
+        traits["trigger_seen"] = (seen, ~seen)
+    return {name: (pos.reshape(-1), neg.reshape(-1)) for name, (pos, neg) in traits.items()}
 
 
 def mean_activation(
