@@ -1,5 +1,7 @@
 """Sparse autoencoders: training, metrics, splicing into the model, latent-label measures, direction overlaps."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import sfpjax
 from sfpjax.analysis._sae import _auxk, _batch_topk, _step
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _sparse_data(key, n, d, m, s, dtype=jnp.float32):
     """Rows ``z D`` with ``s`` of ``m`` unit atoms active per row, magnitudes in [0.5, 1.5]."""
     kd, ki, kv = jr.split(key, 3)
@@ -65,8 +68,8 @@ def test_stack_equals_separate_trainings():
         for name in ("loss", "mse", "aux_loss", "dead_fraction"):
             np.testing.assert_allclose(getattr(together, name)[i], getattr(alone, name), atol=1e-10)
         # Masked latents never fire.
-        z = alone.sae.encode(X)
-        assert float(jnp.abs(z[:, ns[i]:]).max(initial=0.0)) == 0.0
+        z = np.asarray(alone.sae.encode(X))
+        assert np.abs(z[:, ns[i]:]).max(initial=0.0) == 0.0
         assert int((z > 0).sum(-1).max()) <= ks[i]
     # Latents went dead (4 rows of k <= 3 cannot fire all 8..16 latents) and the AuxK loss acted.
     assert float(together.dead_fraction[:, 1:].min()) > 0
@@ -76,8 +79,8 @@ def test_stack_equals_separate_trainings():
 def test_batchtopk_keeps_k_per_row_on_average():
     sae = sfpjax.SAE(sfpjax.SAEConfig(d_in=4, d_sae=8, k=2, kind="batchtopk"), key=jr.key(0), k=2)
     H = jr.normal(jr.key(1), (5, 8))
-    z, smallest = _batch_topk(sae, H)
-    flat = np.asarray(jax.nn.relu(H)).ravel()
+    z, smallest = eqx.filter_jit(_batch_topk)(sae, H)
+    flat = np.maximum(np.asarray(H), 0.0).ravel()
     kept = np.sort(flat)[::-1][:10]
     assert int((z > 0).sum()) == int((kept > 0).sum())
     np.testing.assert_allclose(np.sort(np.asarray(z).ravel())[::-1][:10], kept)
@@ -120,12 +123,13 @@ def test_auxk_loss_by_hand():
     r0 = np.array([1.0, 1.0]) - (2.0 * W[1] + 1.0 * W[2])
     r1 = np.array([0.0, 2.0]) - (0.2 * W[3] + 0.1 * W[1])
     expect = min(3 / 2, 1.0) * 0.5 * (r0 @ r0 + r1 @ r1)
-    np.testing.assert_allclose(_auxk(sae, H, residual, dead), expect, rtol=1e-6)
+    auxk = eqx.filter_jit(_auxk)
+    np.testing.assert_allclose(auxk(sae, H, residual, dead), expect, rtol=1e-6)
     one_dead = jnp.array([False, False, True, False])
     r0 = np.array([1.0, 1.0]) - 1.0 * W[2]
     r1 = np.array([0.0, 2.0]) - (-0.5) * W[2]
-    np.testing.assert_allclose(_auxk(sae, H, residual, one_dead), 0.5 * 0.5 * (r0 @ r0 + r1 @ r1), rtol=1e-6)
-    assert float(_auxk(sae, H, residual, jnp.zeros(4, bool))) == 0.0
+    np.testing.assert_allclose(auxk(sae, H, residual, one_dead), 0.5 * 0.5 * (r0 @ r0 + r1 @ r1), rtol=1e-6)
+    assert float(auxk(sae, H, residual, jnp.zeros(4, bool))) == 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,8 +201,6 @@ def test_splicing_identity_recovers_all_loss(use_bos):
     tokens = jr.randint(jr.key(1), (16, 8), 0, 3)
     site = "blocks.0.hook_resid_post"
     sae = _identity_sae(16)
-    acts = sfpjax.site_activations(model, tokens, site)
-    np.testing.assert_allclose(sae(acts), acts, atol=1e-6)
     m = sfpjax.splice_metrics(model, sae, tokens, site)
     assert abs(float(m.ce_zero_ablation - m.ce_clean)) > 1e-2
     assert float(m.ce_loss_recovered) == pytest.approx(1.0, abs=1e-5)
@@ -227,7 +229,7 @@ def test_site_activations_layout_and_mask():
     model = sfpjax.Transformer(cfg, key=jr.key(0))
     tokens = jr.randint(jr.key(1), (4, 6), 0, 3)
     site = "blocks.0.hook_mlp_out"
-    _, acts = model.batched(tokens, sites=[site])
+    _, acts = eqx.filter_jit(lambda m, t: m.batched(t, sites=[site]))(model, tokens)
     rows = sfpjax.site_activations(model, tokens, site, position_mask=np.arange(7) > 0)
     np.testing.assert_allclose(rows, acts[site][:, 1:].reshape(-1, 16), rtol=1e-5, atol=1e-7)
 

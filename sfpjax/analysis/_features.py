@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jaxtyping import ArrayLike, Float, Int
+from jaxtyping import ArrayLike, Bool, Float, Int
 from sklearn.metrics import roc_auc_score
 
 __all__ = [
@@ -76,7 +76,7 @@ def _per_row(x, n: int, name: str, fn: str, lead) -> np.ndarray:
 
 def latent_auroc(
     latents: Float[ArrayLike, "*batch d_sae"],
-    labels: Float[ArrayLike, "*batch"] | Int[ArrayLike, "*batch"],
+    labels: Float[ArrayLike, "*batch"] | Int[ArrayLike, "*batch"] | Bool[ArrayLike, "*batch"],
     *,
     threshold: float | None = None,
     weights: Float[ArrayLike, "*batch"] | None = None,

@@ -18,7 +18,7 @@ Activations ``sigma`` (``SAEConfig.kind``), as in SAELens and dictionary_learnin
   pre-activations of the whole batch (so ``k`` per row on average); at inference a
   single threshold ``theta``, ``z_i = h_i [h_i > theta]``, with ``theta`` the running
   mean (decay ``threshold_decay``) over training steps of the smallest positive
-  activation the batch kept.
+  activation the batch kept (0 before training: every positive pre-activation fires).
 * ``"jumprelu"`` (Rajamanoharan et al. 2024): ``z_i = h_i [h_i > theta_i]`` with one
   learned threshold per latent (stored as ``log theta``), trained through
   straight-through estimators with a rectangle kernel of width ``bandwidth``, and an

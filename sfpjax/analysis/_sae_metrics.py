@@ -168,18 +168,14 @@ def zero_ablation(*, position_mask: Bool[ArrayLike, " seq"] | None = None) -> In
     return Intervention(_zero, None, _check_mask(position_mask))
 
 
-class _Intervened(eqx.Module):
-    """A transformer with fixed interventions, for ``per_position_loss``."""
+class _Logits(eqx.Module):
+    """Precomputed logits posing as a model, so ``per_position_loss`` scores them."""
 
-    model: Transformer
-    interventions: dict
-
-    @property
-    def config(self):
-        return self.model.config
+    logits: Array
+    config: object = eqx.field(static=True)
 
     def batched(self, tokens):
-        return self.model.batched(tokens, interventions=self.interventions)
+        return self.logits
 
 
 class SpliceMetrics(NamedTuple):
@@ -257,12 +253,14 @@ def splice_metrics(
 @eqx.filter_jit
 def _splice_metrics(model, sae, tokens, site, position_mask):
     variants = {
-        "clean": _Intervened(model, {}),
-        "spliced": _Intervened(model, {site: sae_intervention(sae, position_mask=position_mask)}),
-        "zero": _Intervened(model, {site: zero_ablation(position_mask=position_mask)}),
+        "clean": {},
+        "spliced": {site: sae_intervention(sae, position_mask=position_mask)},
+        "zero": {site: zero_ablation(position_mask=position_mask)},
     }
-    ce = {name: jnp.mean(per_position_loss(m, tokens)) for name, m in variants.items()}
-    probs = {name: jax.nn.softmax(m.batched(tokens)[:, :-1], axis=-1) for name, m in variants.items()}
+    logits = {name: model.batched(tokens, interventions=ivs) for name, ivs in variants.items()}
+    ce = {name: jnp.mean(per_position_loss(_Logits(lg, model.config), tokens)) for name, lg in logits.items()}
+    # The scored positions: every output position but the last (it predicts past the input).
+    probs = {name: jax.nn.softmax(lg[:, :-1], axis=-1) for name, lg in logits.items()}
     kl_spliced = jnp.mean(kl_divergence(probs["clean"], probs["spliced"]))
     kl_zero = jnp.mean(kl_divergence(probs["clean"], probs["zero"]))
     recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])
