@@ -171,3 +171,30 @@ def test_bad_knobs_raise():
         sfpjax.persona_world(mixing=1.5)
     with pytest.raises(ValueError, match="share one alphabet"):
         sfpjax.persona_world(domain_processes=[sfpjax.coin(), sfpjax.mess3()])
+
+
+def test_a_coupled_leaf_replaces_its_kronecker_block():
+    base = sfpjax.persona_world(prior=[[0.4, 0.1], [0.2, 0.3]], dtype=F64)
+    same = sfpjax.persona_world(prior=[[0.4, 0.1], [0.2, 0.3]], dtype=F64,
+                                leaf_processes={"MD": sfpjax.product(sfpjax.marker_sector(2, 2, 1, dtype=F64),
+                                                                     sfpjax.marker_sector(2, 2, 0, enter=0.3, dtype=F64))})
+    np.testing.assert_allclose(same.process.T, base.process.T)
+    pm = sfpjax.marker_sector(2, 2, 1, dtype=F64)
+    qd = sfpjax.marker_sector(2, 2, 0, enter=0.3, dtype=F64)
+    coupled = sfpjax.with_token_noise(sfpjax.product(pm, qd), 0.2)  # T(x) no longer a Kronecker product
+    w = sfpjax.persona_world(prior=[[0.4, 0.1], [0.2, 0.3]], dtype=F64, leaf_processes={("M", "D"): coupled})
+    assert sfpjax.is_partition_preserving(w.process, w.sectors, factor_dims=w.factor_dims)
+    want = word_probs(coupled.T, coupled.eta0, coupled.right, 2)
+    md = w.leaf_process("MD")
+    got = word_probs(md.T, md.eta0, md.right, 2)
+    for word, pr in want.items():
+        assert got[word] == pytest.approx(pr, abs=1e-12)
+    # The other leaves are untouched.
+    np.testing.assert_allclose(w.leaf_initial[1], base.leaf_initial[1])
+    ao = w.leaf_process("AO")
+    ref = base.leaf_process("AO")
+    assert word_probs(ao.T, ao.eta0, ao.right, 2) == pytest.approx(word_probs(ref.T, ref.eta0, ref.right, 2))
+    with pytest.raises(ValueError, match="leaf_processes"):
+        sfpjax.persona_world(leaf_processes={"MD": sfpjax.mess3(dtype=F64)}, dtype=F64)
+    with pytest.raises(ValueError, match="unknown leaf"):
+        sfpjax.persona_world(leaf_processes={"XX": coupled}, dtype=F64)

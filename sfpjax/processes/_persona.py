@@ -392,6 +392,7 @@ def persona_world(
     trigger_rate: Scalar | None = None,
     trigger_stay: Scalar = 0.9,
     trigger_emits: int | None = None,
+    leaf_processes: Mapping | None = None,
     aligned: str | int = "A",
     misaligned: str | int = "M",
     finetune_domain: str | int = "D",
@@ -438,9 +439,13 @@ def persona_world(
       the trigger explains the marker without evidence about the persona (partition kept):
       the inoculation-prompting analogue.
 
-    Extension point: each leaf is built from ``(persona sub-process, domain sub-process)``
-    by ``product``; a coupled leaf (a GHMM on ``P_a (x) Q_d`` that is not a Kronecker
-    product) enters by replacing that product for the leaf, nothing else changes.
+    Extension point (coupled leaves): each leaf is built from ``(persona sub-process,
+    domain sub-process)`` by ``product``; ``leaf_processes={"MD": g}`` replaces that
+    product by any GHMM ``g`` on ``P_M (x) Q_D`` (states in the same lexicographic order,
+    ``d_M d_D`` of them, and the joint alphabet ``V_P V_Q``), e.g. a coupled or
+    conditional process whose ``T(x)`` is not a Kronecker product. The leaf keeps its place
+    in the block-diagonal structure, the prior and every knob; the leak's redraw still acts
+    on the persona part of the leaf's states.
 
     Args:
         persona, domains: sector names (``n_P``, ``n_D`` of them).
@@ -583,8 +588,25 @@ def persona_world(
         jnp.kron(_embed(pgrid[a][d].eta0, int(pstarts[a]), dP), _embed(dprocs[d].eta0, int(qstarts[d]), dQ))
         for a in range(nP) for d in range(nD)
     ])
-    eta0 = leaf_prior.reshape(-1) @ leaf_init
     right = jnp.kron(pfactors[0].right, qfactor.right)
+    leaf_names = [a + d for a in pnames for d in dnames]
+    for name, g in (leaf_processes or {}).items():
+        if isinstance(name, tuple) and len(name) == 2:
+            a, d = _index(name[0], pnames, "persona sector"), _index(name[1], dnames, "domain sector")
+        else:
+            l = _index(name, tuple(leaf_names), "leaf")
+            a, d = divmod(l, nD)
+        idx = np.asarray([p * dQ + q for p in psect[a] for q in qsect[d]])
+        if not isinstance(g, GHMM) or g.T.shape != (Vp * Vq, idx.size, idx.size) or jnp.dtype(g.dtype) != dtype:
+            raise ValueError(
+                f"leaf_processes[{name!r}] must be a {dtype.name} GHMM with T of shape ({Vp * Vq}, {idx.size}, "
+                f"{idx.size}) (the joint alphabet, states of P_a (x) Q_d in lexicographic order); got "
+                f"{getattr(getattr(g, 'T', None), 'shape', type(g).__name__)}."
+            )
+        T = T.at[:, idx[:, None], idx[None, :]].set(g.T)
+        right = right.at[idx].set(g.right)
+        leaf_init = leaf_init.at[a * nD + d].set(jnp.zeros((dP * dQ,), dtype).at[idx].set(g.eta0))
+    eta0 = leaf_prior.reshape(-1) @ leaf_init
 
     eps = jnp.asarray(leak, dtype)
     if eps.shape != ():
