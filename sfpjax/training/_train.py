@@ -41,7 +41,7 @@ from ._data import ArraySource, ProcessSource, as_source
 from ..processes._ghmm import GHMM
 from ..inference._mixed_state import myopic_entropies
 from ..inference._sampling import sample
-from ..processes._structure import _entropy
+from .._numerics import entropy as _entropy
 
 __all__ = [
     "EvalResult",
