@@ -24,7 +24,8 @@ reached full speed):
                   code before it in the same process;
 * ``numpy``       a float64 NumPy loop over time, vectorized over the batch (the reference);
 * ``dynamax``     ``dynamax.hidden_markov_model.hmm_filter`` under ``jax.vmap``;
-* ``vmap_scan``   ``jax.vmap`` of a per-sequence ``lax.scan`` of ``sfpjax.belief_update``;
+* ``vmap_scan``   ``jax.vmap`` of ``sfpjax.filter_beliefs_reference`` (a per-sequence
+                  ``lax.scan`` of ``sfpjax.belief_update``, with its token range check);
 * ``numba``       a ``numba`` ``prange`` kernel writing into a preallocated output.
 
 JAX starts with one CPU device per core (``--devices``, default ``os.cpu_count()``) and the
@@ -104,18 +105,7 @@ def numpy_filter(T, right, eta0, tokens):
 
 
 def make_vmap_scan(process):
-    @jax.jit
-    def run(tokens):
-        def one(seq):
-            def step(eta, x):
-                eta, lp = sfpjax.belief_update(process, eta, x)
-                return eta, (eta, lp)
-
-            return jax.lax.scan(step, process.eta0, seq)[1]
-
-        return jax.vmap(one)(tokens)
-
-    return run
+    return jax.jit(jax.vmap(lambda seq: sfpjax.filter_beliefs_reference(process, seq)))
 
 
 def make_dynamax(process):
