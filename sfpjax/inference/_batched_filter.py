@@ -26,7 +26,7 @@ from .._numerics import is_traced
 from ..processes._ghmm import GHMM
 from ..processes._kernels import condition, every_symbol, factor_symbols, log_normalizer, normalizer, symbol_rows
 
-__all__ = ["batch_sharding", "check_tokens", "column_step", "filter_batch", "filter_donated", "filter_fresh", "sharded_filter"]
+__all__ = ["batch_sharding", "check_tokens", "filter_batch", "filter_donated", "filter_fresh", "sharded_filter"]
 
 
 def check_tokens(V: int, tokens) -> Array:
@@ -75,7 +75,7 @@ def _leaf_factors(process: GHMM) -> list[GHMM]:
     return [leaf for f in process.factors for leaf in _leaf_factors(f)]
 
 
-def column_step(factors: list[GHMM]):
+def _column_step(factors: list[GHMM]):
     """Step on one belief ``(d_f, B)`` per factor of a product process.
 
     With a single factor (any process filtered on its full state space) this is the joint
@@ -205,7 +205,7 @@ def filter_batch(process: GHMM, tokens, initial, out) -> tuple[Array, Array]:
     flat = tokens.reshape(-1, L).astype(jnp.int32)
     B = flat.shape[0]
     factors = _leaf_factors(process) if initial is None else [process]
-    step = column_step(factors)
+    step = _column_step(factors)
     if len(factors) > 1:
         etas = tuple(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B)) for f in factors)
     else:
