@@ -12,12 +12,20 @@ reached full speed):
 
 * ``sfpjax``      the public ``sfpjax.filter_beliefs`` (beliefs and log normalizers) with
                   ``out=`` the previous round's result, so its output buffers are reused
-                  round to round, as the numba kernel's preallocated output is;
+                  round to round, as the numba kernel's preallocated output is, and the
+                  process placed on the tokens' mesh once with ``sfpjax.replicate``;
 * ``sfpjax_fresh`` the same call without ``out=`` (fresh output buffers every call);
+* ``sfpjax_copy`` the ``out=`` call with a process left on one device, which
+                  ``filter_beliefs`` then copies to every device on every call;
 * ``sfpjax_1dev`` the ``out=`` call with the tokens on one device (JAX's default placement);
+* ``baseline``    with ``--baseline REV``: the ``sfpjax`` call of sfpjax as of git revision
+                  ``REV`` (loaded from ``git archive`` as the package ``sfpjax_baseline``),
+                  on a process built by that version, so a change is measured against the
+                  code before it in the same process;
 * ``numpy``       a float64 NumPy loop over time, vectorized over the batch (the reference);
 * ``dynamax``     ``dynamax.hidden_markov_model.hmm_filter`` under ``jax.vmap``;
-* ``vmap_scan``   ``jax.vmap`` of a per-sequence ``lax.scan`` of ``sfpjax.belief_update``;
+* ``vmap_scan``   ``jax.vmap`` of ``sfpjax.filter_beliefs_reference`` (a per-sequence
+                  ``lax.scan`` of ``sfpjax.belief_update``, with its token range check);
 * ``numba``       a ``numba`` ``prange`` kernel writing into a preallocated output.
 
 JAX starts with one CPU device per core (``--devices``, default ``os.cpu_count()``) and the
@@ -35,13 +43,21 @@ Run (numba and dynamax come with the ``bench`` extra)::
 
     python benchmarks/belief_throughput.py            # full run
     python benchmarks/belief_throughput.py --quick    # B = 4096 only, fewer rounds
+    python benchmarks/belief_throughput.py --quick --baseline main   # also time sfpjax at main
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
+import pathlib
 import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 
 import jax
@@ -89,18 +105,7 @@ def numpy_filter(T, right, eta0, tokens):
 
 
 def make_vmap_scan(process):
-    @jax.jit
-    def run(tokens):
-        def one(seq):
-            def step(eta, x):
-                eta, lp = sfpjax.belief_update(process, eta, x)
-                return eta, (eta, lp)
-
-            return jax.lax.scan(step, process.eta0, seq)[1]
-
-        return jax.vmap(one)(tokens)
-
-    return run
+    return jax.jit(jax.vmap(lambda seq: sfpjax.filter_beliefs_reference(process, seq)))
 
 
 def make_dynamax(process):
@@ -166,6 +171,22 @@ def make_numba(process, B, L):
     return run
 
 
+def load_baseline(rev: str):
+    """sfpjax as of git revision ``rev``, imported as the package ``sfpjax_baseline``."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "sfpjax"], check=True,
+                             capture_output=True).stdout
+    tmp = tempfile.mkdtemp(prefix="sfpjax_baseline_")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    os.rename(os.path.join(tmp, "sfpjax"), os.path.join(tmp, "sfpjax_baseline"))
+    sys.path.insert(0, tmp)
+    try:
+        return importlib.import_module("sfpjax_baseline")
+    finally:
+        sys.path.remove(tmp)
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -199,13 +220,18 @@ def check(name, out, ref_beliefs, ref_lognorm, n):
     return err
 
 
+def batch_mesh():
+    return jax.sharding.Mesh(jax.devices(), ("batch",))
+
+
 def split_over_devices(tokens):
     """The tokens split along the batch axis over all devices (the documented multi-core use)."""
-    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
-    return jax.device_put(tokens, jax.NamedSharding(mesh, jax.P("batch")))
+    return jax.device_put(tokens, jax.NamedSharding(batch_mesh(), jax.P("batch")))
 
 
-def bench_case(label, process, B, L, rounds, methods, key, warmup_s):
+def bench_case(label, build, B, L, rounds, methods, key, warmup_s, baseline=None):
+    """``build(package)`` makes the process with ``sfpjax`` (or the baseline version of it)."""
+    process = build(sfpjax)
     d = process.num_states
     tokens_1dev = sfpjax.sample(process, key=key, batch_size=B, seq_len=L)
     tokens_np = np.asarray(tokens_1dev)
@@ -213,25 +239,30 @@ def bench_case(label, process, B, L, rounds, methods, key, warmup_s):
     n_ref = min(B, 512)
     ref_b, ref_l = numpy_filter(process.T, process.right, process.eta0, tokens_np[:n_ref])
     sfpjax_process = process
+    # Placed on the tokens' mesh once, as the filter_beliefs docstring asks.
+    placed = sfpjax.replicate(process, batch_mesh())
     # The baselines see only the joint matrices (no factor structure).
     process = sfpjax.GHMM(process.T, process.eta0, process.right)
 
     reused = {}
 
-    def reuse(name, toks):
+    def reuse(name, toks, proc=placed, package=sfpjax):
         def run():
             # The previous result is donated: its buffers become this call's output.
-            reused[name] = sfpjax.filter_beliefs(sfpjax_process, toks, out=reused.get(name))
+            reused[name] = package.filter_beliefs(proc, toks, out=reused.get(name))
             return reused[name]
 
         return run
 
     fns = {
         "sfpjax": reuse("sfpjax", tokens),
-        "sfpjax_fresh": lambda: sfpjax.filter_beliefs(sfpjax_process, tokens),
+        "sfpjax_fresh": lambda: sfpjax.filter_beliefs(placed, tokens),
     }
     if jax.device_count() > 1:
-        fns["sfpjax_1dev"] = reuse("sfpjax_1dev", tokens_1dev)
+        fns["sfpjax_copy"] = reuse("sfpjax_copy", tokens, sfpjax_process)
+        fns["sfpjax_1dev"] = reuse("sfpjax_1dev", tokens_1dev, sfpjax_process)
+    if baseline is not None:
+        fns["baseline"] = reuse("baseline", tokens, build(baseline), baseline)
     if "numpy" in methods:
         fns["numpy"] = lambda: numpy_filter(process.T, process.right, process.eta0, tokens_np)
     if "dynamax" in methods and hmm_filter is not None:
@@ -301,6 +332,7 @@ def warmup_ramp(process, B, L, key, idle_s=0.02, repeats=25):
     """sfpjax's time for a call after ``idle_s`` of idleness and k untimed calls: how long this
     machine takes to reach full speed (the reason for ``--warmup``)."""
     tokens = split_over_devices(sfpjax.sample(process, key=key, batch_size=B, seq_len=L))
+    process = sfpjax.replicate(process, batch_mesh())
     res = _block(sfpjax.filter_beliefs(process, tokens))
     print(f"\n## warm-up ramp: sfpjax on {jax.device_count()} devices, B={B}, L={L}, "
           f"after {idle_s * 1e3:g} ms idle and k untimed calls (median of {repeats})")
@@ -329,7 +361,10 @@ def main():
                     help="only print how sfpjax's speed ramps up after the machine idles (Mess3, B = 4096)")
     ap.add_argument("--devices", type=int, default=os.cpu_count(),
                     help="CPU devices JAX starts with, the batch split over them (default: one per core)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also time sfpjax as of this git revision (e.g. main), in the same process")
     args = ap.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     rounds = args.rounds or (3 if args.quick else 9)
     batches = args.batch or ([4096] if args.quick else [4096, 16384])
 
@@ -342,16 +377,21 @@ def main():
     if args.ramp:
         warmup_ramp(mess3, 4096, args.length, jax.random.key(0))
         return
-    prod = sfpjax.product(sfpjax.mess3(0.15, 0.6), sfpjax.mess3(0.15, 0.6))
+    cases = (
+        ("Mess3(0.15, 0.6)", lambda pkg: pkg.mess3(0.15, 0.6)),
+        ("Mess3 x Mess3", lambda pkg: pkg.product(pkg.mess3(0.15, 0.6), pkg.mess3(0.15, 0.6))),
+    )
     key = jax.random.key(0)
     summary = []
     for B in batches:
         slow = ["numpy", "dynamax", "vmap_scan", "numba"]
-        for label, proc in (("Mess3(0.15, 0.6)", mess3), ("Mess3 x Mess3", prod)):
+        for label, build in cases:
             key, sub = jax.random.split(key)
-            summary.append((label, B, bench_case(label, proc, B, args.length, rounds, slow, sub, args.warmup)))
+            rows = bench_case(label, build, B, args.length, rounds, slow, sub, args.warmup, baseline)
+            summary.append((label, B, rows))
     print("\n## summary: median per-round ratio method time / sfpjax time (out= reuse; fresh in brackets)")
-    names = [n for n in ("dynamax", "vmap_scan", "numba") if any(n in rows for _, _, rows in summary)]
+    names = [n for n in ("baseline", "sfpjax_copy", "dynamax", "vmap_scan", "numba")
+             if any(n in rows for _, _, rows in summary)]
     one = lambda rows: f"{rows['sfpjax_1dev'][0]:.1f}" if "sfpjax_1dev" in rows else "-"
     print("| case | sfpjax M upd/s | sfpjax_fresh M upd/s | sfpjax 1 device M upd/s | "
           + " | ".join(f"x {n}" for n in names) + " |")

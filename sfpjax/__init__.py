@@ -52,7 +52,9 @@ from .inference import FilterResult as FilterResult
 from .inference import belief_update as belief_update
 from .inference import beliefs_with_initial as beliefs_with_initial
 from .inference import filter_beliefs as filter_beliefs
+from .inference import filter_beliefs_reference as filter_beliefs_reference
 from .inference import next_token_probs as next_token_probs
+from .inference import replicate as replicate
 from .inference import sequence_log_prob as sequence_log_prob
 from .inference import MixedStatePresentation as MixedStatePresentation
 from .inference import belief_spread as belief_spread

@@ -261,12 +261,90 @@ def test_bad_output_buffers_rejected():
         sfpjax.filter_beliefs(p, toks, initial=jnp.ones((3, 3)) / 3)
 
 
+def _reference(process, tokens, initial=None):
+    """The public per-sequence reference filter, vmapped over the leading axes of ``tokens``."""
+    one = lambda t, i: sfpjax.filter_beliefs_reference(process, t, initial=i)
+    if tokens.ndim == 1:
+        return one(tokens, initial)
+    return jax.vmap(one, in_axes=(0, None if initial is None or initial.ndim == 1 else 0))(tokens, initial)
+
+
+@pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
+def test_reference_filter_matches_brute_force_on_every_prefix(kind):
+    T, eta0, right = small_process(kind)
+    p = sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+    V, n = T.shape[0], 5
+    ws = np.stack(words(V, n))
+    ref = _reference(p, jnp.asarray(ws))
+    assert ref.beliefs.shape == (V**n, n, 3) and ref.log_normalizers.shape == (V**n, n)
+    impossible = 0
+    for i, w in enumerate(ws):
+        for t in range(n):
+            prob, belief = word_prob_and_belief(T, eta0, right, w[: t + 1])
+            if prob > 1e-14:
+                np.testing.assert_allclose(np.exp(ref.log_normalizers[i, : t + 1].sum()), prob, rtol=1e-9)
+                np.testing.assert_allclose(ref.beliefs[i, t], belief, rtol=1e-8, atol=1e-10)
+            else:
+                impossible += 1
+                assert ref.log_normalizers[i, : t + 1].sum() == -np.inf
+    assert (impossible > 0) == (kind == "z1r")
+    assert bool(jnp.isfinite(ref.beliefs).all())
+
+
+def _reference_case(kind, rng):
+    if kind == "product":
+        return sfpjax.product(_factor(rng, "ghmm"), _factor(rng, "z1r"))
+    T, eta0, right = small_process(kind)
+    return sfpjax.GHMM(T, eta0, right, dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r", "product"])
+def test_tuned_filter_matches_reference_filter(kind):
+    # A length of one time block and a remainder; for the product (5 factor states) more
+    # sequences than one batch chunk: every path of the tuned kernel is compared.
+    rng = np.random.default_rng(11)
+    p = _reference_case(kind, rng)
+    B, L = 300, 40
+    toks = jnp.asarray(rng.integers(0, p.vocab_size, (B, L)), jnp.int32)
+    toks = toks.at[:8].set(sfpjax.sample(p, key=jr.key(4), batch_size=8, seq_len=L))
+    fast, ref = sfpjax.filter_beliefs(p, toks), _reference(p, toks)
+    np.testing.assert_allclose(fast.beliefs, ref.beliefs, rtol=1e-9, atol=1e-11)
+    np.testing.assert_array_equal(np.isneginf(fast.log_normalizers), np.isneginf(ref.log_normalizers))
+    finite = np.isfinite(ref.log_normalizers)
+    np.testing.assert_allclose(fast.log_normalizers[finite], ref.log_normalizers[finite], rtol=1e-9, atol=1e-11)
+    assert bool(ref.is_possible[:8].all())
+    if kind in ("z1r", "product"):
+        assert not bool(ref.is_possible.all())  # impossible steps were exercised
+    if kind != "z1r":
+        return  # (one case suffices for the next path: each costs a compilation)
+    # one explicit initial belief per sequence: the joint path of the tuned kernel
+    init = np.asarray(jr.dirichlet(jr.key(5), jnp.ones(p.num_states), (B,)), np.float64)
+    init = jnp.asarray(init / (init @ np.asarray(p.right))[:, None])
+    fast, ref = sfpjax.filter_beliefs(p, toks, initial=init), _reference(p, toks, init)
+    np.testing.assert_allclose(fast.beliefs, ref.beliefs, rtol=1e-9, atol=1e-11)
+
+
+def test_reference_filter_vmaps_over_stacked_processes_and_checks_its_input():
+    rng = np.random.default_rng(12)
+    Ts = jnp.asarray(np.stack([random_hmm(rng, 2, 3) for _ in range(3)]))
+    procs = jax.vmap(lambda T: sfpjax.GHMM(T, right=jnp.ones(3)))(Ts)
+    toks = jnp.asarray(rng.integers(0, 2, (3, 4, 11)), jnp.int32)
+    ref = jax.vmap(lambda p, t: jax.vmap(lambda s: sfpjax.filter_beliefs_reference(p, s))(t))(procs, toks)
+    fast = jax.vmap(sfpjax.filter_beliefs)(procs, toks)
+    np.testing.assert_allclose(ref.beliefs, fast.beliefs, rtol=1e-6, atol=1e-7)
+    p = sfpjax.GHMM(z1r_T(), hmm=True)
+    with pytest.raises((ValueError, TypeError), match=r"one sequence of shape|'L'"):
+        sfpjax.filter_beliefs_reference(p, jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(Exception, match=r"tokens outside the alphabet"):
+        jax.block_until_ready(sfpjax.filter_beliefs_reference(p, jnp.array([0, 2])))
+
+
 @pytest.mark.parametrize("chunking", ["cpu", "accelerator"])
 def test_many_sequences_match_a_numpy_loop(chunking, monkeypatch):
     # More sequences than one batch chunk, and a length that is not a whole number of blocks.
     # The accelerator chunking (all 1100 sequences in one chunk, what GPUs and TPUs run)
     # is checked here on CPU by giving the CPU program its chunk size.
-    from sfpjax.inference import _filter as _beliefs
+    from sfpjax.inference import _batched_filter as _beliefs
 
     rng = np.random.default_rng(10)
     T, eta0, right = random_ghmm(rng, 3, 3)
@@ -276,7 +354,7 @@ def test_many_sequences_match_a_numpy_loop(chunking, monkeypatch):
         out = sfpjax.filter_beliefs(p, jnp.asarray(toks))
     else:
         monkeypatch.setattr(_beliefs, "_CHUNK_ENTRIES", _beliefs._ACCELERATOR_CHUNK_ENTRIES)
-        out = jax.jit(_beliefs._filter_impl)(p, jnp.asarray(toks), None, None)  # a fresh trace
+        out = sfpjax.FilterResult(*jax.jit(_beliefs.filter_batch)(p, jnp.asarray(toks), None, None))  # a fresh trace
     eta = np.broadcast_to(eta0, (1100, 3))
     for t in range(45):
         unnorm = np.einsum("bi,bij->bj", eta, T[toks[:, t]])
@@ -314,14 +392,36 @@ for process in (m, sfpjax.product(m, sfpjax.z1r())):
     ref = sfpjax.filter_beliefs(process, toks, initial=init)
     got = sfpjax.filter_beliefs(process, on_mesh(toks), initial=init)
     close(got.beliefs, ref.beliefs)
-# Processes come and go, and their copies on the mesh are cached by identity: each must be
-# filtered with its own matrices, also after the cache evicts or a new process takes the
-# memory of one that was freed.
-toks = sfpjax.sample(m, key=jax.random.key(3), batch_size=64, seq_len=9)
-for i in range(12):
-    q = sfpjax.mess3(0.05 + 0.02 * i, 0.6)
-    close(sfpjax.filter_beliefs(q, on_mesh(toks)).beliefs, sfpjax.filter_beliefs(q, toks).beliefs)
-    del q
+# A process placed on the mesh once with sfpjax.replicate is used as it is (no copy per
+# call); one that is not placed is copied to every device on every call. Both equal the
+# one-device result.
+from sfpjax.inference import _filter as _public
+copy_per_call = _public.replicate
+calls = []
+_public.replicate = lambda process, mesh: calls.append(1) or copy_per_call(process, mesh)
+for process in (m, sfpjax.product(m, sfpjax.z1r())):
+    toks = sfpjax.sample(process, key=jax.random.key(3), batch_size=64, seq_len=9)
+    ref = sfpjax.filter_beliefs(process, toks)
+    placed = sfpjax.replicate(process, mesh)
+    for leaf in jax.tree.leaves(placed):
+        assert leaf.sharding.is_fully_replicated and leaf.sharding.mesh == mesh, leaf.sharding
+        assert len(leaf.sharding.device_set) == 4
+    assert placed.factors is None or len(placed.factors) == 2  # the factor structure is kept
+    del calls[:]
+    got = sfpjax.filter_beliefs(placed, on_mesh(toks))
+    assert not calls, "a replicated process was copied again"
+    close(got.beliefs, ref.beliefs)
+    close(got.log_normalizers, ref.log_normalizers)
+    got = sfpjax.filter_beliefs(process, on_mesh(toks))
+    assert calls, "a process on one device was not copied to the mesh"
+    close(got.beliefs, ref.beliefs)
+    # a process replicated over a different mesh (other devices) is copied, not trusted
+    other = jax.sharding.Mesh(jax.devices()[:2], ("batch",))
+    del calls[:]
+    got = sfpjax.filter_beliefs(sfpjax.replicate(process, other), on_mesh(toks))
+    assert calls
+    close(got.beliefs, ref.beliefs)
+_public.replicate = copy_per_call
 bad = on_mesh(jnp.full((8, 5), 3, jnp.int32))
 try:
     jax.block_until_ready(sfpjax.filter_beliefs(m, bad))

@@ -25,7 +25,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from ..processes._ghmm import _is_traced
+from .._numerics import is_traced as _is_traced
 from ..processes._structure import factor_marginals
 
 __all__ = [

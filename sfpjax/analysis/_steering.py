@@ -38,7 +38,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real
 from ..model._interventions import Intervention
 from ..model._transformer import Transformer
 from ._probes import LinearProbe, belief_centroids, probe_inverse
-from ..processes._structure import _kron_vectors, factor_marginals
+from .._numerics import kron_vectors as _kron_vectors
+from ..processes._structure import factor_marginals
 
 __all__ = [
     "add_vector",

@@ -4,7 +4,9 @@ from ._filter import FilterResult as FilterResult
 from ._filter import belief_update as belief_update
 from ._filter import beliefs_with_initial as beliefs_with_initial
 from ._filter import filter_beliefs as filter_beliefs
+from ._filter import filter_beliefs_reference as filter_beliefs_reference
 from ._filter import next_token_probs as next_token_probs
+from ._filter import replicate as replicate
 from ._filter import sequence_log_prob as sequence_log_prob
 from ._mixed_state import MixedStatePresentation as MixedStatePresentation
 from ._mixed_state import belief_spread as belief_spread

@@ -23,27 +23,25 @@ an exact zero: the result is then a very negative, finite log-probability.
 
 from __future__ import annotations
 
-import collections
-import functools
-import threading
-import weakref
 from typing import NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from ..processes._ghmm import GHMM, _is_traced
+from ..processes._ghmm import GHMM, check_process
+from ..processes._kernels import belief_step, next_token_law
+from ._batched_filter import batch_sharding, check_tokens, filter_donated, filter_fresh, sharded_filter
 
 __all__ = [
     "FilterResult",
     "belief_update",
     "beliefs_with_initial",
     "filter_beliefs",
+    "filter_beliefs_reference",
     "next_token_probs",
+    "replicate",
     "sequence_log_prob",
 ]
 
@@ -71,26 +69,6 @@ class FilterResult(NamedTuple):
         return jnp.isfinite(self.log_normalizers).all(-1)
 
 
-def _check_process(process: GHMM) -> None:
-    if not isinstance(process, GHMM):
-        raise ValueError(f"expected a sfpjax.GHMM, got {type(process).__name__}.")
-    if process.T.ndim != 3:
-        raise ValueError(
-            f"expected a single process with T of shape (V, d, d), got T of shape {process.T.shape}. "
-            "For a stack of processes, use jax.vmap over the process and its tokens."
-        )
-
-
-def _check_tokens(V: int, tokens) -> Array:
-    out_of_range = jnp.any((tokens < 0) | (tokens >= V))
-    return eqx.error_if(
-        tokens,
-        out_of_range,
-        f"tokens outside the alphabet: every token must lie in [0, {V}) for this process with "
-        f"{V} symbols. Check the vocabulary (a BOS or padding id must be removed before filtering).",
-    )
-
-
 def belief_update(
     process: GHMM, eta: Float[Array, " d"], x: Int[Array, ""]
 ) -> tuple[Float[Array, " d"], Float[Array, ""]]:
@@ -105,290 +83,107 @@ def belief_update(
     >>> float(eta.sum())
     1.0...
     """
-    unnorm = eta @ process.T[x]
-    norm = unnorm @ process.right
-    ok = norm > 0
-    safe = jnp.where(ok, norm, 1.0)
-    new = jnp.where(ok, unnorm / safe, eta)
-    return new, jnp.where(ok, jnp.log(safe), -jnp.inf)
+    return belief_step(process.T, process.right, eta, x)
 
 
-# Above this many multiply-adds per column and step, the GEMM beats unrolled elementwise code.
-_ELEMENTWISE_MAX_MACS = 256
+def filter_beliefs_reference(
+    process: GHMM,
+    tokens: Int[Array, " L"],
+    *,
+    initial: Float[Array, " d"] | None = None,
+) -> FilterResult:
+    """The plain filter of one sequence: a ``lax.scan`` of :func:`belief_update` over ``tokens``.
 
+    The same result as :func:`filter_beliefs` on one sequence, written as the definition:
+    ``<<eta(x_1..x_t)| = <<eta(x_1..x_{t-1})| T(x_t) / <<eta(x_1..x_{t-1})|T(x_t)|1>>``,
+    starting from ``<<eta(0)|`` (or ``initial``), always on the full ``d``-dimensional
+    state (a product process is filtered jointly, not factor by factor). It is the
+    reference the tuned batched kernel behind :func:`filter_beliefs` is tested against, and
+    a readable starting point for variants. Batch with ``jax.vmap`` (over sequences, or
+    over stacked processes and their tokens), as with dynamax's ``hmm_filter``.
 
-def _step_elementwise(T, eta, x):
-    # Small processes: <<eta|T(x) as a sum over i of (row i of eta) x (row i of T(x)), each
-    # row of T(x) picked per column by a chain of selects. Every operation is elementwise on
-    # (d, B), so XLA emits the update as one vectorized loop (no dot, no concatenation).
-    V, d, _ = T.shape
-    unnorm = None
-    for i in range(d):
-        row = T[V - 1, i, :, None]
-        for v in range(V - 2, -1, -1):
-            row = jnp.where((x == v)[None, :], T[v, i, :, None], row)
-        term = eta[i][None, :] * row
-        unnorm = term if unnorm is None else unnorm + term
-    return unnorm
+    Args:
+        process: a single GHMM (``T`` of shape ``(V, d, d)``).
+        tokens: one sequence of symbols in ``[0, V)``, shape ``(L,)``.
+        initial: the belief before the first token; default ``process.eta0``.
 
+    Returns:
+        :class:`FilterResult` with ``beliefs`` ``(L, d)`` and ``log_normalizers`` ``(L,)``,
+        aligned as in :func:`filter_beliefs`.
 
-def _symbol_rows(T: Array) -> Array:
-    """``T (V, d, d)`` as one ``(V d, d)`` matrix: row ``(x, j)``, column ``i`` is ``T[x, i, j]``."""
-    V, d, _ = T.shape
-    return jnp.swapaxes(T, 1, 2).reshape(V * d, d)
-
-
-def _every_symbol(Tm: Array, eta: Float[Array, "d n"]) -> Float[Array, "V d n"]:
-    """``<<eta|T(x)`` for every symbol ``x`` and every column of ``eta``, from
-    ``Tm = _symbol_rows(T)``: one ``(V d, d) x (d, n)`` product whose long dimension is the
-    columns (sequences or words)."""
-    d = eta.shape[0]
-    return (Tm @ eta).reshape(Tm.shape[0] // d, d, -1)
-
-
-def _step_gemm(Tm, eta, x):
-    # Every symbol's update in one product; each column keeps its own symbol's.
-    cand = _every_symbol(Tm, eta)
-    V = cand.shape[0]
-    unnorm = cand[0]
-    for v in range(1, V):
-        unnorm = jnp.where((x == v)[None, :], cand[v], unnorm)
-    return unnorm
-
-
-def _leaf_factors(process: GHMM) -> list[GHMM]:
-    if process.factors is None:
-        return [process]
-    return [leaf for f in process.factors for leaf in _leaf_factors(f)]
-
-
-def _factored_step(factors: list[GHMM]):
-    """Step on one belief ``(d_f, B)`` per factor of a product process.
-
-    With a single factor (any process filtered on its full state space) this is the joint
-    step.
-    The joint normalizer is the product of the factor normalizers; an impossible joint step
-    (product not positive) leaves every factor unchanged, as the joint step leaves the
-    joint belief, and dividing each factor by its own normalizer then gives exactly the
-    Kronecker factors of the joint update. Returns the new beliefs and the joint
-    ``log <<eta|T(x)|1>>`` (``-inf`` at an impossible step).
+    >>> import jax, sfpjax, jax.numpy as jnp
+    >>> p = sfpjax.mess3(0.15, 0.6)
+    >>> toks = jnp.array([[0, 1, 2, 2], [2, 2, 1, 0]])
+    >>> ref = jax.vmap(lambda t: sfpjax.filter_beliefs_reference(p, t))(toks)
+    >>> bool(jnp.allclose(ref.beliefs, sfpjax.filter_beliefs(p, toks).beliefs, atol=1e-6))
+    True
     """
-    sizes = [f.vocab_size for f in factors]
-    strides = [int(np.prod(sizes[k + 1:], dtype=np.int64)) for k in range(len(sizes))]
-    updates = [_factor_update(f) for f in factors]
-
-    def symbol(x, k):
-        # decode_tokens for one factor; the most significant factor needs no modulo
-        sub = x // strides[k] if strides[k] > 1 else x
-        return sub % sizes[k] if k > 0 else sub
-
-    def step(etas, x):
-        parts = [upd(eta, symbol(x, k)) for k, (upd, eta) in enumerate(zip(updates, etas))]
-        # Materialize the unnormalized updates and normalizers: otherwise XLA fuses them
-        # into every consumer, recomputing each d times (measured 4x slower on Mess3).
-        parts = jax.lax.optimization_barrier(parts)
-        norm = parts[0][1]
-        for _, n in parts[1:]:
-            norm = norm * n
-        ok = norm > 0
-        new = []
-        for (unnorm, n), eta in zip(parts, etas):
-            inv = 1.0 / jnp.where(ok, n, jnp.ones((), n.dtype))
-            new.append(jnp.where(ok[None, :], unnorm * inv[None, :], eta))
-        # The log is taken here, inside the step's own loop, rather than in a pass over the
-        # block (measured 4-8% faster on Mess3).
-        return tuple(new), jnp.where(ok, jnp.log(jnp.where(ok, norm, jnp.ones((), norm.dtype))), -jnp.inf)
-
-    return step
-
-
-def _factor_update(process: GHMM):
-    """``eta (d, B), x (B,) -> (<<eta|T(x) (d, B), <<eta|T(x)|1>> (B,))``, column by column."""
-    V, d, _ = process.T.shape
-    T, right = process.T, process.right
-    elementwise = V * d * d <= _ELEMENTWISE_MAX_MACS
-    Tm = _symbol_rows(T)  # once, outside the step loop
-
-    def update(eta, x):
-        unnorm = _step_elementwise(T, eta, x) if elementwise else _step_gemm(Tm, eta, x)
-        norm = unnorm[0] * right[0]
-        for j in range(1, d):
-            norm = norm + unnorm[j] * right[j]
-        return unnorm, norm
-
-    return update
-
-
-def _kron_rows(blocks: list[Array]) -> Array:
-    """``(n, d_0, B), (n, d_1, B), ... -> (n, d_0 d_1 ..., B)``: the Kronecker product per column."""
-    out = blocks[0]
-    for b in blocks[1:]:
-        n, da, B = out.shape
-        out = (out[:, :, None, :] * b[:, None, :, :]).reshape(n, da * b.shape[1], B)
-    return out
-
-
-# Time steps per block, and belief entries per chunk (sequences per chunk times the summed
-# factor dimensions): a block's beliefs (Lb, d, Bc) stay in cache while they are transposed
-# to the output layout, the big output is only ever written in place, and each step's loop
-# stays below the size at which XLA:CPU splits a loop over its thread pool (measured on a
-# 2-core CPU with 2 MB of L2 per core: the split costs more than it gains on loops this short).
-_BLOCK = 32
-_CHUNK_ENTRIES = 1536
-# On GPUs and TPUs every step is a kernel launch, so a step must cover as many sequences as
-# possible: chunks there are bounded only to keep a block's beliefs (Lb, d, Bc) small
-# next to the output (2**18 entries: 87,381 Mess3 sequences, 1 MB per step in float32).
-_ACCELERATOR_CHUNK_ENTRIES = 1 << 18
-
-
-def _chunk_size(etas: tuple[Array, ...], entries: int) -> int:
-    rows = sum(e.shape[0] for e in etas)
-    return max(64, 1 << int(np.log2(max(1, entries // rows))))
-
-
-def _filter_into(
-    step, etas: tuple[Array, ...], tokens: Int[Array, "B L"], beliefs: Array, lognorm: Array, V: int,
-    size: int,
-) -> tuple[Array, Array]:
-    """Run ``step`` over all ``L`` tokens, writing ``(B, L, d)`` beliefs and ``(B, L)`` logs.
-
-    The belief state keeps the batch as its minor axis (long contiguous vector operations);
-    the output buffers are loop carries updated with ``dynamic_update_slice``, which XLA
-    performs in place, so no full-size intermediate is ever materialized.
-    """
-    B, L = tokens.shape
-    d = beliefs.shape[-1]
-
-    def scan_step(etas, x):
-        new, log_norm = step(etas, x)
-        return new, (new, log_norm)
-
-    def chunk(b0, nb, beliefs, lognorm):
-        def block(t0, n, etas, beliefs, lognorm):
-            # Checked block by block while in cache: a separate pass would read all tokens again.
-            tok = _check_tokens(V, jax.lax.dynamic_slice(tokens, (b0, t0), (nb, n))).T
-            etas, (stack, logs) = jax.lax.scan(scan_step, etas, tok)
-            rows = _kron_rows(list(stack)).reshape(n * d, nb)
-            beliefs = jax.lax.dynamic_update_slice(beliefs, rows.T.reshape(nb, n, d), (b0, t0, 0))
-            lognorm = jax.lax.dynamic_update_slice(lognorm, logs.T, (b0, t0))
-            return etas, beliefs, lognorm
-
-        start = tuple(jax.lax.dynamic_slice_in_dim(e, b0, nb, axis=1) for e in etas)
-        nblocks, rest = divmod(L, _BLOCK)
-        carry = (start, beliefs, lognorm)
-        if nblocks:
-            carry = jax.lax.fori_loop(0, nblocks, lambda i, c: block(i * _BLOCK, _BLOCK, *c), carry)
-        if rest:
-            carry = block(nblocks * _BLOCK, rest, *carry)
-        return carry[1], carry[2]
-
-    nchunks, rest = divmod(B, size)
-    out = (beliefs, lognorm)
-    if nchunks:
-        out = jax.lax.fori_loop(0, nchunks, lambda i, c: chunk(i * size, size, *c), out)
-    if rest:
-        out = chunk(nchunks * size, rest, *out)
-    return out
-
-
-def _filter_impl(process, tokens, initial, out):
-    batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
-    d = process.num_states
-    flat = tokens.reshape(-1, L).astype(jnp.int32)
-    B = flat.shape[0]
-    factors = _leaf_factors(process) if initial is None else [process]
-    step = _factored_step(factors)
-    if len(factors) > 1:
-        etas = tuple(jnp.broadcast_to(f.eta0[:, None], (f.num_states, B)) for f in factors)
-    else:
-        if initial is None:
-            eta0 = jnp.broadcast_to(process.eta0[:, None], (d, B))
-        else:
-            eta0 = jnp.broadcast_to(initial, batch_shape + (d,)).reshape(B, d).T
-        etas = (eta0,)
-    if out is None:
-        beliefs = jnp.zeros((B, L, d), process.dtype)
-        lognorm = jnp.zeros((B, L), process.dtype)
-    else:
-        beliefs = out.beliefs.reshape(B, L, d)
-        lognorm = out.log_normalizers.reshape(B, L)
-    cpu_size = min(max(B, 1), _chunk_size(etas, _CHUNK_ENTRIES))
-    accelerator_size = min(max(B, 1), _chunk_size(etas, _ACCELERATOR_CHUNK_ENTRIES))
-
-    def run(size):
-        return lambda b, n: _filter_into(step, etas, flat, b, n, process.vocab_size, size)
-
-    if cpu_size == accelerator_size:
-        beliefs, lognorm = run(cpu_size)(beliefs, lognorm)
-    else:
-        # Chosen when the program is lowered for its platform: cache-sized chunks on CPU.
-        beliefs, lognorm = jax.lax.platform_dependent(
-            beliefs, lognorm, cpu=run(cpu_size), default=run(accelerator_size)
+    check_process(process)
+    if not isinstance(tokens, jax.Array):
+        tokens = jnp.asarray(tokens)
+    _check_token_shape(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(
+            f"filter_beliefs_reference filters one sequence of shape (L,), got tokens of shape {tokens.shape}; "
+            "use jax.vmap over the leading axes (or filter_beliefs for a batch)."
         )
-    return FilterResult(beliefs.reshape(batch_shape + (L, d)), lognorm.reshape(batch_shape + (L,)))
+    if initial is None:
+        initial = process.eta0
+    initial = jnp.asarray(initial, process.dtype)
+    if initial.shape != (process.num_states,):
+        raise ValueError(f"initial must have shape ({process.num_states},), got {initial.shape}.")
+    beliefs, log_normalizers = _reference_scan(process, tokens, initial)
+    return FilterResult(beliefs, log_normalizers)
 
 
-_filter_fresh = jax.jit(_filter_impl)
-_filter_donated = jax.jit(_filter_impl, donate_argnames="out")
+@jax.jit
+def _reference_scan(process: GHMM, tokens: Array, initial: Array) -> tuple[Array, Array]:
+    def step(eta, x):
+        eta, log_norm = belief_update(process, eta, x)
+        return eta, (eta, log_norm)
+
+    return jax.lax.scan(step, initial, check_tokens(process.vocab_size, tokens))[1]
 
 
-def _batch_sharding(tokens) -> tuple[Mesh, object] | None:
-    """The mesh and mesh axis that ``tokens`` is split over along its first axis, if that is all."""
-    if _is_traced(tokens):
-        return None
-    sharding = getattr(tokens, "sharding", None)
-    if not isinstance(sharding, NamedSharding) or tokens.ndim < 2:
-        return None
-    spec = tuple(sharding.spec) + (None,) * (tokens.ndim - len(sharding.spec))
-    if spec[0] is None or any(s is not None for s in spec[1:]):
-        return None
-    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    shards = int(np.prod([sharding.mesh.shape[n] for n in names]))
-    if shards == 1 or tokens.shape[0] % shards:
-        return None
-    return sharding.mesh, spec[0]
+def replicate(process: GHMM, mesh: Mesh) -> GHMM:
+    """``process`` with every array copied to every device of ``mesh`` (replicated).
+
+    Place a process on a mesh once, before filtering tokens split over that mesh many
+    times: :func:`filter_beliefs` runs each device's sequences against the device's own copy
+    and uses a process that is already replicated on the tokens' mesh as it is. A process
+    that is not is copied to every device on every call (correct, but the devices wait
+    for the copies: about 15% of a two-device Mess3 call at ``B = 4096``).
+
+    Args:
+        process: a GHMM (its factors, if any, are placed too).
+        mesh: the device mesh the tokens are split over.
+
+    Returns:
+        the same process, its arrays ``NamedSharding(mesh, PartitionSpec())``-replicated.
+
+    >>> import jax, sfpjax, jax.numpy as jnp
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    >>> p = sfpjax.replicate(sfpjax.mess3(0.15, 0.6), mesh)
+    >>> split = jax.device_put(jnp.zeros((8, 16), jnp.int32), jax.NamedSharding(mesh, jax.P("batch")))
+    >>> sfpjax.filter_beliefs(p, split).beliefs.shape
+    (8, 16, 3)
+    """
+    if not isinstance(process, GHMM):
+        raise ValueError(f"replicate expects a sfpjax.GHMM, got {type(process).__name__}.")
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"replicate expects a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    return jax.device_put(process, NamedSharding(mesh, PartitionSpec()))
 
 
-# Replicated copies of the processes recently filtered on a mesh. A process lives on one
-# device; the sharded program needs it on every device, and copying it there on every call
-# cost about 15% of a two-device Mess3 call at B = 4096 (the devices wait while the host
-# copies). Keyed by mesh and leaf identities, checked through weak references, so a copy is
-# only reused for the very same arrays (processes are immutable).
-_REPLICATED: collections.OrderedDict = collections.OrderedDict()
-_REPLICATED_MAX = 8
-_REPLICATED_LOCK = threading.Lock()
-
-
-def _replicated(process: GHMM, mesh: Mesh) -> GHMM:
-    leaves = jax.tree.leaves(process)
-    if not all(isinstance(leaf, jax.Array) and not _is_traced(leaf) for leaf in leaves):
-        return process
-    key = (mesh, tuple(id(leaf) for leaf in leaves))
-    with _REPLICATED_LOCK:
-        hit = _REPLICATED.get(key)
-        if hit is not None and all(ref() is leaf for ref, leaf in zip(hit[0], leaves)):
-            _REPLICATED.move_to_end(key)
-            return hit[1]
-    copy = jax.device_put(process, NamedSharding(mesh, PartitionSpec()))
-    with _REPLICATED_LOCK:
-        _REPLICATED[key] = ([weakref.ref(leaf) for leaf in leaves], copy)
-        while len(_REPLICATED) > _REPLICATED_MAX:
-            _REPLICATED.popitem(last=False)
-    return copy
-
-
-@functools.lru_cache(maxsize=None)
-def _sharded_filter(mesh: Mesh, axis, per_sequence_initial: bool, donate: bool):
-    batch = PartitionSpec(axis)
-    run = jax.shard_map(
-        _filter_impl,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), batch, batch if per_sequence_initial else PartitionSpec(), batch),
-        out_specs=batch,
-        # The token check's error branch is replicated while the tokens are per device.
-        check_vma=False,
-    )
-    return jax.jit(run, donate_argnums=(3,) if donate else ())
+def _is_replicated_on(process: GHMM, mesh: Mesh) -> bool:
+    """Whether every array of ``process`` is already replicated over ``mesh`` (a few us)."""
+    for leaf in jax.tree.leaves(process):
+        sharding = getattr(leaf, "sharding", None)
+        if not (
+            isinstance(sharding, NamedSharding) and sharding.mesh == mesh and sharding.is_fully_replicated
+        ):
+            return False
+    return True
 
 
 def filter_beliefs(
@@ -428,8 +223,10 @@ def filter_beliefs(
     device its own sequences, and the result is split the same way. On a multi-core CPU
     this is how to use every core: start JAX with one CPU device per core
     (``jax.config.update("jax_num_cpu_devices", n)`` before the first computation) and put
-    the tokens on a mesh of them (about 2x the one-device throughput on 2 cores). Tokens
-    sharded any other way are filtered by the single-device program.
+    the tokens on a mesh of them (about 2x the one-device throughput on 2 cores). Place the
+    process on the same mesh once with :func:`replicate`; a process that is not placed there
+    is copied to every device on every call. Tokens sharded any other way are filtered by
+    the single-device program.
 
     Returns:
         :class:`FilterResult` with ``beliefs`` ``(*batch, L, d)`` and ``log_normalizers``
@@ -449,10 +246,11 @@ def filter_beliefs(
     >>> res = sfpjax.filter_beliefs(p, toks, out=res)  # reuses (and invalidates) the old buffers
     >>> mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
     >>> split = jax.device_put(jnp.zeros((8, 16), jnp.int32), jax.NamedSharding(mesh, jax.P("batch")))
-    >>> sfpjax.filter_beliefs(p, split).beliefs.shape  # each device filters its own sequences
+    >>> placed = sfpjax.replicate(p, mesh)  # once: a copy of the process on every device
+    >>> sfpjax.filter_beliefs(placed, split).beliefs.shape  # each device filters its own sequences
     (8, 16, 3)
     """
-    _check_process(process)
+    check_process(process)
     if not isinstance(tokens, jax.Array):  # asarray returns an Array as is, at tens of us a call
         tokens = jnp.asarray(tokens)
     _check_token_shape(tokens)
@@ -471,17 +269,20 @@ def filter_beliefs(
             ) from None
     if out is not None:
         _check_out(out, batch_shape + (L, d), batch_shape + (L,), process.dtype)
-    sharded = _batch_sharding(tokens)
+    sharded = batch_sharding(tokens)
     if sharded is not None:
+        mesh, axis = sharded
         per_sequence = initial is not None and initial.ndim > 1
         if per_sequence:
             initial = jnp.broadcast_to(initial, batch_shape + (d,))
-            initial = jax.device_put(initial, NamedSharding(sharded[0], PartitionSpec(sharded[1])))
-        run = _sharded_filter(*sharded, per_sequence, out is not None)
-        return run(_replicated(process, sharded[0]), tokens, initial, out)
+            initial = jax.device_put(initial, NamedSharding(mesh, PartitionSpec(axis)))
+        if not _is_replicated_on(process, mesh):
+            process = replicate(process, mesh)
+        run = sharded_filter(mesh, axis, per_sequence, out is not None)
+        return FilterResult(*run(process, tokens, initial, out))
     if out is None:
-        return _filter_fresh(process, tokens, initial, None)
-    return _filter_donated(process, tokens, initial, out)
+        return FilterResult(*filter_fresh(process, tokens, initial, None))
+    return FilterResult(*filter_donated(process, tokens, initial, out))
 
 
 def _check_token_shape(tokens: Array) -> None:
@@ -526,8 +327,7 @@ def next_token_probs(process: GHMM, beliefs: Float[Array, "*batch d"]) -> Float[
     >>> sfpjax.next_token_probs(p, p.eta0).shape
     (3,)
     """
-    Tr = process.T @ process.right  # (V, d): T(x)|1>>
-    probs = jnp.maximum(beliefs @ Tr.T, 0.0)
+    probs = next_token_law(process.T, process.right, beliefs)
     return probs / probs.sum(-1, keepdims=True)
 
 

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._filter import _check_process, _every_symbol, _symbol_rows, filter_beliefs
-from ..processes._ghmm import GHMM
+from .._numerics import entropy
+from ..processes._ghmm import GHMM, check_process
+from ..processes._kernels import condition, every_symbol, next_token_law, normalizer, symbol_rows
+from ._filter import filter_beliefs
 from ._sampling import sample
-from ..processes._structure import _entropy
 
 __all__ = [
     "MixedStatePresentation",
@@ -49,12 +50,12 @@ def _extend(process: GHMM, unnorm: Float[Array, "d n"]) -> Float[Array, "d m"]:
     Words stay unnormalized so ``Pr(w) = <<eta(0)|T(w)|1>>`` is exact, up to the common
     per-level rescaling done by the callers.
     """
-    return _extend_rows(_symbol_rows(process.T), unnorm)
+    return _extend_rows(symbol_rows(process.T), unnorm)
 
 
 def _extend_rows(Tm: Float[Array, "Vd d"], unnorm: Float[Array, "d n"]) -> Float[Array, "d m"]:
-    """:func:`_extend` from ``Tm = _symbol_rows(T)``."""
-    return jnp.swapaxes(_every_symbol(Tm, unnorm), 0, 1).reshape(unnorm.shape[0], -1)
+    """:func:`_extend` from ``Tm = symbol_rows(T)``."""
+    return jnp.swapaxes(every_symbol(Tm, unnorm), 0, 1).reshape(unnorm.shape[0], -1)
 
 
 def _word_columns(process: GHMM, length: int) -> Float[Array, "d n"]:
@@ -70,9 +71,9 @@ def _word_column_beliefs(process: GHMM, length: int) -> tuple[Float[Array, "d n"
     """Beliefs ``(d, n)`` and probabilities of all words in :func:`_word_columns` order;
     impossible words get probability 0 and a zero belief."""
     unnorm = _word_columns(process, length)
-    probs = process.right @ unnorm
+    probs = normalizer(unnorm, process.right)
     ok = probs > 0
-    beliefs = jnp.where(ok[None, :], unnorm / jnp.where(ok, probs, 1.0)[None, :], 0.0)
+    beliefs = condition(unnorm, probs, jnp.zeros_like(unnorm), ok)
     return beliefs, jnp.where(ok, probs, 0.0)
 
 
@@ -101,7 +102,7 @@ def word_beliefs(process: GHMM, length: int) -> tuple[Float[Array, "n d"], Float
     >>> b.shape, float(p.sum())
     ((9, 3), 1.0...)
     """
-    _check_process(process)
+    check_process(process)
     length = _check_depth(process, length, "length")
     V = process.vocab_size
     # Reverse the digits of the column index: row sum_t x_t V**(n - t), first symbol most significant.
@@ -128,12 +129,12 @@ def myopic_entropies(process: GHMM, max_depth: int) -> Float[Array, " depth"]:
     >>> [round(float(v), 4) for v in h]
     [0.6931, 0.6931, 0.6931, 0.6931]
     """
-    _check_process(process)
+    check_process(process)
     return _myopic_entropies(process, _check_depth(process, max_depth, "max_depth"), _WORDS_PER_BLOCK)
 
 
 def _myopic_entropies(process: GHMM, D: int, words_per_block: int) -> Float[Array, " depth"]:
-    Tm, Tr = _symbol_rows(process.T), process.T @ process.right  # (V d, d), (V, d)
+    Tm = symbol_rows(process.T)  # (V d, d)
     V = process.vocab_size
     # Words of length n hold Pr(w) (the GHMM is normalized, so each level sums to 1).
     # H(X_{1:n+1}) = -sum p log p over the joint Pr(w x), and the myopic entropy is
@@ -142,19 +143,19 @@ def _myopic_entropies(process: GHMM, D: int, words_per_block: int) -> Float[Arra
     while V > 1 and V ** (levels_per_block + 1) <= words_per_block:
         levels_per_block += 1
     if V ** D <= words_per_block or levels_per_block < 1:
-        h, c, _ = _level_sums(Tm, Tr, process.eta0[:, None], D + 1)
+        h, c, _ = _level_sums(process, Tm, process.eta0[:, None], D + 1)
     else:
         # Deep trees go depth-first in blocks: the words of length `split` are cut into
         # blocks of V words, and a scan extends one block at a time down to length D, so the
         # working set stays in cache, also under vmap over a parameter grid (2.5x faster per
         # Mess3 point at depth 10 than whole levels, 64 points vmapped, 2-core CPU).
         split = D + 1 - levels_per_block
-        h_top, c_top, deepest = _level_sums(Tm, Tr, process.eta0[:, None], split)
+        h_top, c_top, deepest = _level_sums(process, Tm, process.eta0[:, None], split)
         words = _extend_rows(Tm, deepest)  # the words of length `split`
         blocks = jnp.moveaxis(words.reshape(words.shape[0], -1, V), 1, 0)
 
         def block(total, unnorm):
-            return jax.tree.map(jnp.add, total, _level_sums(Tm, Tr, unnorm, D + 1 - split)[:2]), None
+            return jax.tree.map(jnp.add, total, _level_sums(process, Tm, unnorm, D + 1 - split)[:2]), None
 
         zeros = jnp.zeros(D + 1 - split, words.dtype)
         (h_low, c_low), _ = jax.lax.scan(block, (zeros, zeros), blocks)
@@ -166,7 +167,7 @@ def _myopic_entropies(process: GHMM, D: int, words_per_block: int) -> Float[Arra
 
 
 def _level_sums(
-    Tm: Float[Array, "Vd d"], Tr: Float[Array, "V d"], unnorm: Float[Array, "d n"], levels: int
+    process: GHMM, Tm: Float[Array, "Vd d"], unnorm: Float[Array, "d n"], levels: int
 ) -> tuple[Float[Array, " levels"], Float[Array, " levels"], Float[Array, "d m"]]:
     """For the words in ``unnorm``'s columns and the next ``levels - 1`` lengths below them:
     ``-sum p log p`` and ``sum p`` over ``p = <<eta|T(w x)|1>>`` for every word ``w`` of
@@ -175,8 +176,8 @@ def _level_sums(
     for k in range(levels):
         if k:
             unnorm = _extend_rows(Tm, unnorm)
-        joint = jnp.maximum(Tr @ unnorm, 0.0).reshape(-1)
-        h.append(_entropy(joint))
+        joint = next_token_law(process.T, process.right, unnorm.T).reshape(-1)
+        h.append(entropy(joint))
         c.append(joint.sum())
     return jnp.stack(h), jnp.stack(c), unnorm
 
@@ -196,7 +197,7 @@ def num_distinct_beliefs(process: GHMM, depth: int, *, decimals: int = 6) -> Int
     >>> int(sfpjax.num_distinct_beliefs(sfpjax.coin(), 4))
     1
     """
-    _check_process(process)
+    check_process(process)
     beliefs, probs = _word_column_beliefs(process, _check_depth(process, depth, "depth"))
     valid = probs > 0
     keys = jnp.round(beliefs * 10.0**decimals)
@@ -225,7 +226,7 @@ def belief_spread(process: GHMM, depth: int) -> Float[Array, ""]:
     >>> float(sfpjax.belief_spread(sfpjax.coin(), 3))
     0.0
     """
-    _check_process(process)
+    check_process(process)
     beliefs, probs = _word_column_beliefs(process, _check_depth(process, depth, "depth"))
     mean = beliefs @ probs
     return jnp.sqrt(((beliefs - mean[:, None]) ** 2).sum(0) @ probs)
@@ -252,7 +253,7 @@ class MixedStatePresentation(NamedTuple):
 
     def myopic_entropies(self) -> np.ndarray:
         """``H(X_{n+1} | X_{1:n})`` for ``n = 0..depth`` from the merged level distributions."""
-        h = _entropy(jnp.asarray(self.transition_probs))
+        h = entropy(jnp.asarray(self.transition_probs))
         return np.asarray([float(np.asarray(h) @ p) for p in self.level_probs])
 
 
@@ -269,12 +270,13 @@ def mixed_state_presentation(process: GHMM, depth: int, *, decimals: int = 8) ->
     >>> msp.beliefs.shape[1]
     3
     """
-    _check_process(process)
+    check_process(process)
     depth = int(depth)
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}.")
     T = np.asarray(process.T, np.float64)
     r = np.asarray(process.right, np.float64)
+    Tm = symbol_rows(T)
     V = T.shape[0]
     beliefs = [np.asarray(process.eta0, np.float64)]
     first_seen = [0]
@@ -284,10 +286,12 @@ def mixed_state_presentation(process: GHMM, depth: int, *, decimals: int = 8) ->
     for n in range(1, depth + 1):
         if not frontier:
             break
-        unnorm = np.einsum("ni,xij->nxj", np.stack([beliefs[i] for i in frontier]), T)
-        norm = unnorm @ r
+        # (d, V, n): every symbol's update of every frontier belief, in float64 on the host
+        unnorm = np.swapaxes(every_symbol(Tm, np.stack([beliefs[i] for i in frontier], axis=1)), 0, 1)
+        norm = normalizer(unnorm, r)
         ok = norm > 0
-        child = unnorm / np.where(ok, norm, 1.0)[..., None]
+        child = condition(unnorm, norm, unnorm, ok).transpose(2, 1, 0)  # (n, V, d)
+        ok = ok.T
         keys = _round_key(child, decimals)
         new_frontier = []
         for a, s in enumerate(frontier):
@@ -307,7 +311,7 @@ def mixed_state_presentation(process: GHMM, depth: int, *, decimals: int = 8) ->
     transitions = np.full((S, V), -1)
     for s, row in rows.items():
         transitions[s] = row
-    px = np.maximum(B @ (T @ r).T, 0.0)
+    px = next_token_law(T, r, B)
     transition_probs = px / px.sum(-1, keepdims=True)
     # Mass at level n - 1 < depth sits only on states first seen before depth, whose
     # transitions were explored, so pushing it through the table is exact.

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._filter import _check_process
 from ..processes._ghmm import GHMM, is_hmm
+from ..processes._ghmm import check_process as _check_process
+from ..processes._kernels import belief_step, next_token_law
 
 __all__ = ["sample"]
 
@@ -30,14 +31,12 @@ def _initial_beliefs(process: GHMM, initial, batch_size: int) -> Float[Array, "B
 @eqx.filter_jit
 def _sample_tokens(process: GHMM, key, eta: Float[Array, "B d"], seq_len: int) -> Int[Array, "B L"]:
     # Exact GHMM sampling: draw from <<eta|T(x)|1>> and condition, so non-HMM processes work.
-    Tr = process.T @ process.right  # (V, d)
+    update = jax.vmap(belief_step, in_axes=(None, None, 0, 0))
 
     def step(eta, k):
-        probs = jnp.maximum(eta @ Tr.T, 0.0)
+        probs = next_token_law(process.T, process.right, eta)
         x = jr.categorical(k, jnp.log(probs), axis=-1)
-        unnorm = jnp.einsum("bi,bij->bj", eta, process.T[x])
-        norm = unnorm @ process.right
-        return unnorm / norm[:, None], x.astype(jnp.int32)
+        return update(process.T, process.right, eta, x)[0], x.astype(jnp.int32)
 
     _, xs = jax.lax.scan(step, eta, jr.split(key, seq_len))
     return xs.T

@@ -23,9 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._ghmm import GHMM, _default_atol, _is_traced, _with_factors
-from ._structure import _partition_labels, joint_sector_labels
-from ._zoo import _check_range, partitioned_z1r
+from .._numerics import check_range as _check_range
+from .._numerics import default_atol as _default_atol
+from .._numerics import is_traced as _is_traced
+from .._numerics import partition_labels as _partition_labels
+from ._ghmm import GHMM, with_factors
+from ._kernels import factor_symbols
+from ._structure import joint_sector_labels
+from ._zoo import partitioned_z1r
 
 __all__ = [
     "product",
@@ -85,7 +90,7 @@ def product(*factors: GHMM) -> GHMM:
         eta0 = jnp.kron(eta0, f.eta0)
         right = jnp.kron(right, f.right)
     # Keeping the factors lets filter_beliefs track one small belief per factor.
-    return _with_factors(GHMM(T, eta0, right, dtype=dtype), tuple(f.astype(dtype) for f in factors))
+    return with_factors(GHMM(T, eta0, right, dtype=dtype), tuple(f.astype(dtype) for f in factors))
 
 
 def _check_vocab_sizes(vocab_sizes) -> tuple[int, ...]:
@@ -132,12 +137,7 @@ def decode_tokens(tokens: Int[ArrayLike, "*shape"], vocab_sizes: Sequence[int]) 
     (Array([0, 1, 1], dtype=int32), Array([2, 0, 1], dtype=int32))
     """
     sizes = _check_vocab_sizes(vocab_sizes)
-    t = jnp.asarray(tokens).astype(jnp.int32)
-    out = []
-    for v in reversed(sizes):
-        out.append(t % v)
-        t = t // v
-    return tuple(reversed(out))
+    return factor_symbols(jnp.asarray(tokens).astype(jnp.int32), sizes)
 
 
 def _check_weights(weights, n: int, what: str, dtype) -> Array:

@@ -62,7 +62,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._compose import encode_tokens
-from ._ghmm import GHMM, _default_atol, _is_traced
+from .._numerics import default_atol as _default_atol
+from .._numerics import is_traced as _is_traced
+from ._ghmm import GHMM
 from ._compose import product
 
 __all__ = [

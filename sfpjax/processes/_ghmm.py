@@ -13,30 +13,15 @@ negative entries.
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from .._numerics import default_atol as _default_atol
+from .._numerics import float_dtype as _float_dtype
+from .._numerics import is_traced as _is_traced
+
 __all__ = ["GHMM", "is_hmm", "stationary_state", "validate_ghmm"]
-
-
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def _default_atol(dtype) -> float:
-    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 2e-5
-
-
-def _float_dtype(dtype) -> jnp.dtype:
-    if dtype is not None:
-        dtype = jnp.dtype(dtype)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
-        return dtype
-    # float32 unless asked: NumPy inputs are float64 by habit, not by intent.
-    return jnp.dtype(jnp.float32)
 
 
 def _constrained_null_vector(M: Array, constraint: Array) -> Array:
@@ -178,7 +163,7 @@ class GHMM(eqx.Module):
                    dtype=dtype, validate=False)
         if self.factors is None:
             return new
-        return _with_factors(new, tuple(f.astype(dtype) for f in self.factors))
+        return with_factors(new, tuple(f.astype(dtype) for f in self.factors))
 
     def with_initial(self, eta0: ArrayLike) -> "GHMM":
         """The same dynamics started from the row vector ``eta0`` (validated when concrete)."""
@@ -191,12 +176,24 @@ class GHMM(eqx.Module):
         if not _is_traced(eta0, self.T):
             validate_ghmm(new)
         if new.factors is not None:
-            new = _with_factors(new, _product_initial(eta0, new.factors))
+            new = with_factors(new, _product_initial(eta0, new.factors))
         return new
 
 
-def _with_factors(process: GHMM, factors: tuple[GHMM, ...] | None) -> GHMM:
+def with_factors(process: GHMM, factors: tuple[GHMM, ...] | None) -> GHMM:
+    """``process`` with its ``factors`` field set (package-internal: no consistency check)."""
     return eqx.tree_at(lambda p: p.factors, process, factors, is_leaf=lambda x: x is None)
+
+
+def check_process(process: GHMM) -> None:
+    """Raise a ValueError unless ``process`` is one (not a stacked) GHMM (package-internal)."""
+    if not isinstance(process, GHMM):
+        raise ValueError(f"expected a sfpjax.GHMM, got {type(process).__name__}.")
+    if process.T.ndim != 3:
+        raise ValueError(
+            f"expected a single process with T of shape (V, d, d), got T of shape {process.T.shape}. "
+            "For a stack of processes, use jax.vmap over the process and its tokens."
+        )
 
 
 def _product_initial(eta0: Array, factors: tuple[GHMM, ...]) -> tuple[GHMM, ...] | None:

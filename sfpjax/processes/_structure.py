@@ -18,6 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from .._numerics import entropy as _entropy
+from .._numerics import kron_vectors as _kron_vectors
+from .._numerics import partition_labels as _partition_labels
+
 AnyArray = Array | np.ndarray
 
 __all__ = [
@@ -40,32 +44,6 @@ def _check_factor_dims(factor_dims, d: int | None = None) -> tuple[int, ...]:
             f"the joint dimension {d} must equal the product of factor_dims {dims} = {math.prod(dims)}."
         )
     return dims
-
-
-def _partition_labels(sectors, d: int, what: str) -> np.ndarray:
-    """Label each of ``d`` states with its sector; the sectors must partition ``range(d)``."""
-    labels = np.full((d,), -1, dtype=np.int64)
-    for k, idx in enumerate(sectors):
-        idx = np.asarray(idx)
-        if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"{what}: sector {k} must be a non-empty 1-D sequence of state indices; got {idx!r}.")
-        if (idx < 0).any() or (idx >= d).any():
-            raise ValueError(f"{what}: sector {k} has state indices outside range({d}): {idx.tolist()}.")
-        taken = idx[labels[idx] >= 0]
-        if taken.size or np.unique(idx).size != idx.size:
-            dup = taken[0] if taken.size else idx[np.argmax(np.bincount(idx))]
-            raise ValueError(
-                f"{what}: sectors overlap: state {int(dup)} appears more than once; "
-                "each state must belong to exactly one sector."
-            )
-        labels[idx] = k
-    missing = np.flatnonzero(labels < 0)
-    if missing.size:
-        raise ValueError(
-            f"{what}: sectors do not cover all {d} states; missing {missing.tolist()}. "
-            "Every state must belong to exactly one sector."
-        )
-    return labels
 
 
 def joint_sector_labels(sectors, d: int, factor_dims=None) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -237,13 +215,6 @@ def partial_trace(
     return y.reshape(*batch, k, k)
 
 
-def _kron_vectors(vs: Sequence[Array]) -> Array:
-    out = vs[0]
-    for v in vs[1:]:
-        out = (out[..., :, None] * v[..., None, :]).reshape(*out.shape[:-1], -1)
-    return out
-
-
 def nearest_product_state(
     joint: Float[AnyArray, "*batch d"], factor_dims: Sequence[int]
 ) -> Float[Array, "*batch d"]:
@@ -272,13 +243,6 @@ def is_product_state(
     joint = jnp.asarray(joint)
     gap = jnp.abs(joint - nearest_product_state(joint, factor_dims)).max(-1)
     return gap <= atol
-
-
-def _entropy(p: Array) -> Array:
-    """``-sum p log p`` over the last axis; entries <= 0 contribute 0."""
-    # Clamping instead of selecting keeps the loop branch-free: 1.5x faster on CPU (177k entries).
-    q = jnp.maximum(p, 0)
-    return -(q * jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))).sum(-1)
 
 
 def factor_mutual_information(

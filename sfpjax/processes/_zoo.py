@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._ghmm import GHMM, _float_dtype, _is_traced
+from .._numerics import check_range as _check_range
+from .._numerics import float_dtype as _float_dtype
+from .._numerics import is_traced as _is_traced
+from .._numerics import scalar as _scalar
+from ._ghmm import GHMM
 
 __all__ = [
     "coin",
@@ -35,29 +39,6 @@ __all__ = [
 
 # Any shape is accepted here so that a non-scalar gets the ValueError explaining how to vmap.
 Scalar = Union[float, int, np.floating, Float[Array, "..."], Float[np.ndarray, "..."]]
-
-
-def _scalar(value, dtype) -> Array:
-    arr = jnp.asarray(value, dtype)
-    if jnp.ndim(arr) != 0:
-        raise ValueError(
-            f"process parameters are scalars; got shape {arr.shape}. "
-            "To build a grid of processes, jax.vmap the constructor over the parameter arrays."
-        )
-    return arr
-
-
-def _check_range(name: str, value, lo: float, hi: float, *, open_lo=False, open_hi=False) -> None:
-    if _is_traced(value):
-        return
-    _scalar(value, None)
-    v = float(value)
-    ok_lo = v > lo if open_lo else v >= lo
-    ok_hi = v < hi if open_hi else v <= hi
-    if not (ok_lo and ok_hi and np.isfinite(v)):
-        lb = "(" if open_lo else "["
-        rb = ")" if open_hi else "]"
-        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}; got {v}.")
 
 
 def _build(entries: dict, V: int, d: int, dtype) -> Array:

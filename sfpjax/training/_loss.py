@@ -26,7 +26,7 @@ from ..inference._filter import filter_beliefs, next_token_probs
 from ..inference._mixed_state import myopic_entropies
 from ..inference._sampling import sample
 from ..processes._ghmm import GHMM
-from ..processes._structure import _entropy
+from .._numerics import entropy as _entropy
 from ._protocol import SequenceModel, check_model
 
 __all__ = ["EvalResult", "evaluate", "loss_floor", "next_token_loss", "per_position_loss"]
