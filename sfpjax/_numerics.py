@@ -26,8 +26,9 @@ __all__ = [
 
 
 def is_traced(*xs) -> bool:
-    """Whether any argument is a tracer (inside ``jit``/``vmap``: values are not known)."""
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
+    """Whether any argument (or any leaf of a pytree argument) is a tracer (inside
+    ``jit``/``vmap``: values are not known)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
 
 
 def default_atol(dtype) -> float:

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._numerics import float_dtype as _float_dtype
+from .._numerics import is_traced as _traced
 from ._compose import direct_sum, encode_tokens, product, semi_factored
 from ._ghmm import GHMM
 
@@ -42,17 +44,6 @@ __all__ = ["marker_sector", "PersonaWorld", "persona_world"]
 
 Scalar = Union[float, int, np.floating, Float[Array, "..."], Float[np.ndarray, "..."]]
 Params = Union[float, int, np.floating, Float[Array, "..."], Float[np.ndarray, "..."], Sequence[float]]
-
-
-def _traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
-
-
-def _float_dtype(dtype):
-    dt = jnp.dtype(jnp.float32 if dtype is None else dtype)
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype; got {dt}.")
-    return dt
 
 
 def _check_interval(name: str, value, lo: float, hi: float, *, open_hi: bool = False) -> None:
