@@ -90,6 +90,12 @@ from .training import CheckpointError as CheckpointError
 from .training import latest_checkpoint as latest_checkpoint
 from .training import restore_checkpoint as restore_checkpoint
 from .training import save_checkpoint as save_checkpoint
+from .training import LayoutBatch as LayoutBatch
+from .training import SequenceLayout as SequenceLayout
+from .training import layout_beliefs as layout_beliefs
+from .training import layout_floor as layout_floor
+from .training import layout_tokens as layout_tokens
+from .training import sample_layout as sample_layout
 # Probes and geometry
 from .analysis import LinearProbe as LinearProbe
 from .analysis import ProbeMetrics as ProbeMetrics

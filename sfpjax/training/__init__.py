@@ -21,3 +21,9 @@ from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import restore_checkpoint as restore_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._layout import LayoutBatch as LayoutBatch
+from ._layout import SequenceLayout as SequenceLayout
+from ._layout import layout_beliefs as layout_beliefs
+from ._layout import layout_floor as layout_floor
+from ._layout import layout_tokens as layout_tokens
+from ._layout import sample_layout as sample_layout
