@@ -121,6 +121,12 @@ from .training import RLResult as RLResult
 from .training import make_rl_step as make_rl_step
 from .training import rl_train as rl_train
 from .training import rl_train_stack as rl_train_stack
+from .training import LayoutBatch as LayoutBatch
+from .training import SequenceLayout as SequenceLayout
+from .training import layout_beliefs as layout_beliefs
+from .training import layout_floor as layout_floor
+from .training import layout_tokens as layout_tokens
+from .training import sample_layout as sample_layout
 # Probes and geometry
 from .analysis import LinearProbe as LinearProbe
 from .analysis import ProbeMetrics as ProbeMetrics

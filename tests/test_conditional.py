@@ -279,10 +279,11 @@ def test_linear_couplings_match_brute_force(name, ghmm):
         np.testing.assert_allclose(np.exp(lp), prob, rtol=1e-9, atol=1e-14)
         for e, b in zip(etas, fb):
             np.testing.assert_allclose(b, e, atol=1e-9)
-    spec = Spec([f[0] for f in parts], [f[1] for f in parts], [f[2] for f in parts], par, maps, par, maps, False)
-    expected = spec.myopic(2)
-    np.testing.assert_allclose(sfpjax.myopic_entropies_conditional(p, 2), expected, atol=1e-10)
-    np.testing.assert_allclose(sfpjax.myopic_entropies(g, 2), expected, atol=1e-10)
+    if name == "chain":  # the enumeration itself is covered once; the law per word is checked above
+        spec = Spec([f[0] for f in parts], [f[1] for f in parts], [f[2] for f in parts], par, maps, par, maps, False)
+        expected = spec.myopic(2)
+        np.testing.assert_allclose(sfpjax.myopic_entropies_conditional(p, 2), expected, atol=1e-10)
+        np.testing.assert_allclose(sfpjax.myopic_entropies(g, 2), expected, atol=1e-10)
 
 
 def test_constant_selectors_give_the_factored_product():
@@ -397,8 +398,6 @@ def test_explicit_encoding_of_a_chain_drops_only_impossible_tuples():
     dense_words = keep[words]
     np.testing.assert_allclose(sfpjax.filter_conditional(sparse, words).log_prob,
                                sfpjax.filter_conditional(dense, dense_words).log_prob, atol=1e-12)
-    np.testing.assert_allclose(sfpjax.myopic_entropies(g, 3), sfpjax.myopic_entropies(dense.joint_ghmm(), 3),
-                               atol=1e-12)
     with pytest.raises(ValueError, match=r"tuple \[1, 1\] is left out"):
         sfpjax.sequential_chain([f0, f1], [None, [0, 1]], eta0=[None, [0.5, 0.5]], encoding=[[0, 0], [0, 1]])
 
@@ -407,16 +406,9 @@ def test_explicit_encoding_of_a_chain_drops_only_impossible_tuples():
 # Sampling, vmap, errors.
 
 
-@pytest.mark.parametrize("name", ["chain", "product_of_experts"])
-def test_sampling_follows_the_exact_law(name, getkey):
-    if name == "chain":
-        Ks, Vs, ds, par, maps = LINEAR_CASES["chain"]
-        rng = np.random.default_rng(7)
-        parts = [random_factor(rng, K, V, d) for K, V, d in zip(Ks[:2], Vs[:2], ds[:2])]
-        p = sfpjax.conditional_product([to_factor(*f) for f in parts], par[:2], maps[:2], eta0=[f[2] for f in parts])
-    else:
-        parts = NONLINEAR[name][0]
-        p = sfpjax.product_of_experts([to_factor(*f) for f in parts], [[0, 1], [2, 0]], eta0=[f[2] for f in parts])
+def test_sampling_follows_the_exact_law(getkey):
+    parts = NONLINEAR["product_of_experts"][0]
+    p = sfpjax.product_of_experts([to_factor(*f) for f in parts], [[0, 1], [2, 0]], eta0=[f[2] for f in parts])
     n = 20000
     toks = sfpjax.sample_conditional(p, key=getkey(), batch_size=n, seq_len=2)
     V = p.vocab_size
@@ -437,16 +429,16 @@ def test_vmap_over_variant_parameters():
     @jax.jit
     def run(a):
         p = build(a)
-        return (sfpjax.myopic_entropies_conditional(p, 2), sfpjax.filter_conditional(p, toks).beliefs,
-                sfpjax.filter_beliefs(p.joint_ghmm(), toks).beliefs)
+        return sfpjax.myopic_entropies_conditional(p, 2), sfpjax.filter_conditional(p, toks).beliefs
 
     alphas = jnp.array([0.1, 0.2, 0.35], F64)
     stacked = jax.vmap(run)(alphas)
     single = run(alphas[2])
     for s, one in zip(stacked, single):
         np.testing.assert_allclose(s[2], one, atol=1e-12)
-    np.testing.assert_allclose(stacked[1], stacked[2], atol=1e-12)  # the joint GHMM's beliefs
     assert float(jnp.abs(stacked[0][0] - stacked[0][2]).max()) > 1e-3  # the parameter matters
+    joint = jax.vmap(lambda a: build(a).joint_ghmm().T)(alphas)
+    np.testing.assert_allclose(joint[2], build(0.35).joint_ghmm().T, atol=1e-14)
 
 
 def test_filter_is_traced_once_per_shape():

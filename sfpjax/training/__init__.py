@@ -39,3 +39,9 @@ from ._rl import RLResult as RLResult
 from ._rl import make_rl_step as make_rl_step
 from ._rl import rl_train as rl_train
 from ._rl import rl_train_stack as rl_train_stack
+from ._layout import LayoutBatch as LayoutBatch
+from ._layout import SequenceLayout as SequenceLayout
+from ._layout import layout_beliefs as layout_beliefs
+from ._layout import layout_floor as layout_floor
+from ._layout import layout_tokens as layout_tokens
+from ._layout import sample_layout as sample_layout
