@@ -79,6 +79,11 @@ def _check_process(process: GHMM) -> None:
             f"expected a single process with T of shape (V, d, d), got T of shape {process.T.shape}. "
             "For a stack of processes, use jax.vmap over the process and its tokens."
         )
+    if jnp.dtype(process.dtype).itemsize < 4:
+        raise ValueError(
+            f"the process is in {jnp.dtype(process.dtype).name}, too coarse for exact beliefs; "
+            "use process.astype(jnp.float32) (or build it in float32, the default)."
+        )
 
 
 def _check_tokens(V: int, tokens) -> Array:
@@ -415,7 +420,9 @@ def filter_beliefs(
         tokens: integer array ``(*batch, L)`` of symbols in ``[0, V)``; any number of
             leading batch axes (none for a single sequence).
         initial: the belief before the first token; default ``process.eta0``. Either one
-            row vector ``(d,)`` or one per sequence ``(*batch, d)``.
+            row vector ``(d,)`` or one per sequence ``(*batch, d)``; each must be
+            normalized, ``<<initial|1>> = 1`` (an unnormalized one would shift every
+            log-probability by a constant, so it is refused, not rescaled).
         out: a previous result of the same shape and dtype whose buffers are reused for
             this one. They are *donated*: ``out`` must not be used afterwards (its arrays
             are deleted, as with any donated JAX buffer). Filtering many batches in a loop
@@ -437,8 +444,10 @@ def filter_beliefs(
         zero-probability sequences.
 
     Raises:
-        ValueError: tokens that are not integers, an ``out`` of the wrong shape or dtype,
-            or (at run time, through ``eqx.error_if``) tokens outside the alphabet.
+        ValueError: tokens that are not integers or (when concrete) outside the alphabet
+            ``[0, V)``, an ``initial`` that is not normalized, an ``out`` of the wrong shape
+            or dtype. Under ``jit`` the token range and the normalization are checked at
+            run time through ``eqx.error_if``.
 
     >>> import jax, sfpjax, jax.numpy as jnp
     >>> p = sfpjax.mess3(0.15, 0.6)
@@ -456,6 +465,7 @@ def filter_beliefs(
     if not isinstance(tokens, jax.Array):  # asarray returns an Array as is, at tens of us a call
         tokens = jnp.asarray(tokens)
     _check_token_shape(tokens)
+    _check_token_values(tokens, process.vocab_size)
     batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
     d = process.num_states
     if initial is not None:
@@ -469,6 +479,7 @@ def filter_beliefs(
                 f"initial of shape {initial.shape} does not broadcast against the token batch "
                 f"shape {batch_shape}; give one (d,) vector or one per sequence (*batch, d)."
             ) from None
+        initial = _check_initial(process, initial)
     if out is not None:
         _check_out(out, batch_shape + (L, d), batch_shape + (L,), process.dtype)
     sharded = _batch_sharding(tokens)
@@ -482,6 +493,58 @@ def filter_beliefs(
     if out is None:
         return _filter_fresh(process, tokens, initial, None)
     return _filter_donated(process, tokens, initial, out)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _any_out_of_range(tokens: Array, V: int) -> Array:
+    return ((tokens < 0) | (tokens >= V)).any()
+
+
+def _check_token_values(tokens: Array, V: int) -> None:
+    """Concrete tokens outside ``[0, V)``: a ``ValueError`` naming the first one, before any
+    kernel runs (the kernel's own check reports through a runtime callback, whose message
+    comes after pages of callback log). Traced tokens are left to the kernel's check."""
+    if _is_traced(tokens):
+        return
+    with jax.ensure_compile_time_eval():  # concrete tokens inside an enclosing jit too
+        if not bool(_any_out_of_range(tokens, V)):
+            return
+    host = np.asarray(tokens)
+    bad = np.argwhere((host < 0) | (host >= V))
+    first = tuple(int(i) for i in bad[0])
+    raise ValueError(
+        f"tokens outside the alphabet: every token must lie in [0, {V}) for this process with {V} "
+        f"symbols; tokens[{', '.join(map(str, first))}] is {int(host[first])} ({len(bad)} of "
+        f"{host.size} tokens are out of range). Check the vocabulary (a BOS or padding id must be "
+        "removed before filtering)."
+    )
+
+
+def _check_initial(process: GHMM, initial: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
+    """``initial`` after checking ``<<initial|1>> = 1`` for every row: a ``ValueError`` naming
+    the first bad row when concrete, an ``eqx.error_if`` on the returned array when traced."""
+    norm = initial @ process.right
+    atol = 1e-10 if jnp.dtype(process.dtype) == jnp.float64 else 2e-5
+    tol = atol * jnp.maximum(1.0, jnp.abs(initial) @ jnp.abs(process.right))
+    bad = ~(jnp.abs(norm - 1) <= tol)
+    if _is_traced(initial, process.right):
+        return eqx.error_if(
+            initial, bad,
+            "sfpjax: initial belief not normalized: <<initial|1>> must be 1 for every sequence "
+            "(an unnormalized initial vector shifts every log-probability); divide it by "
+            "initial @ process.right.",
+        )
+    bad = np.atleast_1d(np.asarray(bad))
+    if bad.any():
+        i = tuple(int(j) for j in np.argwhere(bad)[0])
+        value = float(np.atleast_1d(np.asarray(norm))[i])
+        where = f" for sequence {i}" if initial.ndim > 1 else ""
+        raise ValueError(
+            f"initial must be normalized, <<initial|1>> = 1 (for an HMM: entries summing to 1), "
+            f"but it is {value:.6g}{where}; an unnormalized initial vector would shift every "
+            "log-probability by a constant. Divide it by initial @ process.right."
+        )
+    return initial
 
 
 def _check_token_shape(tokens: Array) -> None:
@@ -526,6 +589,13 @@ def next_token_probs(process: GHMM, beliefs: Float[Array, "*batch d"]) -> Float[
     >>> sfpjax.next_token_probs(p, p.eta0).shape
     (3,)
     """
+    _check_process(process)
+    beliefs = jnp.asarray(beliefs)
+    if beliefs.ndim < 1 or beliefs.shape[-1] != process.num_states:
+        raise ValueError(
+            f"beliefs must end in the state dimension {process.num_states} of the process, got shape "
+            f"{beliefs.shape}."
+        )
     Tr = process.T @ process.right  # (V, d): T(x)|1>>
     probs = jnp.maximum(beliefs @ Tr.T, 0.0)
     return probs / probs.sum(-1, keepdims=True)

@@ -34,7 +34,7 @@ __all__ = [
 def _check_factor_dims(factor_dims, d: int | None = None) -> tuple[int, ...]:
     dims = tuple(int(n) for n in factor_dims)
     if not dims or any(n < 1 for n in dims):
-        raise ValueError(f"factor_dims must be a non-empty sequence of positive ints; got {tuple(factor_dims)}.")
+        raise ValueError(f"factor_dims must be a non-empty sequence of positive ints; got {dims}.")
     if d is not None and math.prod(dims) != d:
         raise ValueError(
             f"the joint dimension {d} must equal the product of factor_dims {dims} = {math.prod(dims)}."
@@ -48,7 +48,7 @@ def _partition_labels(sectors, d: int, what: str) -> np.ndarray:
     for k, idx in enumerate(sectors):
         idx = np.asarray(idx)
         if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"{what}: sector {k} must be a non-empty 1-D sequence of state indices; got {idx!r}.")
+            raise ValueError(f"{what}: sector {k} must be a non-empty 1-D sequence of state indices; got {idx.tolist()}.")
         if (idx < 0).any() or (idx >= d).any():
             raise ValueError(f"{what}: sector {k} has state indices outside range({d}): {idx.tolist()}.")
         taken = idx[labels[idx] >= 0]

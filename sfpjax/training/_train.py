@@ -38,7 +38,7 @@ from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, UInt32
 from ..inference._filter import filter_beliefs, next_token_probs
 from ._checkpoint import _manager, latest_checkpoint, restore_checkpoint, save_checkpoint
 from ._data import ArraySource, ProcessSource, as_source
-from ..processes._ghmm import GHMM
+from ..processes._ghmm import GHMM, validate_ghmm
 from ..inference._mixed_state import myopic_entropies
 from ..inference._sampling import sample
 from ..processes._structure import _entropy
@@ -837,6 +837,7 @@ def train(
     >>> sorted(out.history[-1])[:3]
     ['eval_loss', 'excess', 'excess_last']
     """
+    data = validate_ghmm(data) if isinstance(data, GHMM) else data
     return _run(
         model, data, cfg, key=key, optimizer=optimizer, trainable=trainable, run_dir=run_dir,
         resume=resume, eval_process=eval_process, progress=progress, stacked=False,
