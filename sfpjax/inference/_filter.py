@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from ..processes._ghmm import GHMM, _is_traced
+from ..processes._ghmm import GHMM, _default_atol, _is_traced
 
 __all__ = [
     "FilterResult",
@@ -524,8 +524,7 @@ def _check_initial(process: GHMM, initial: Float[Array, "*batch d"]) -> Float[Ar
     """``initial`` after checking ``<<initial|1>> = 1`` for every row: a ``ValueError`` naming
     the first bad row when concrete, an ``eqx.error_if`` on the returned array when traced."""
     norm = initial @ process.right
-    atol = 1e-10 if jnp.dtype(process.dtype) == jnp.float64 else 2e-5
-    tol = atol * jnp.maximum(1.0, jnp.abs(initial) @ jnp.abs(process.right))
+    tol = _default_atol(process.dtype) * jnp.maximum(1.0, jnp.abs(initial) @ jnp.abs(process.right))
     bad = ~(jnp.abs(norm - 1) <= tol)
     if _is_traced(initial, process.right):
         return eqx.error_if(

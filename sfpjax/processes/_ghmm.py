@@ -135,8 +135,9 @@ def _traced_checks(T: Array, eta0: Array, right: Array, hmm: bool, atol: float):
 def _constrained_null_vector(M: Array, constraint: Array) -> Array:
     """Solve ``M v = 0`` subject to ``constraint . v = 1`` in the least-squares sense.
 
-    Traceable and vmappable; when the null space has dimension > 1 (non-ergodic
-    processes) this returns the minimum-norm solution, which is still a valid null vector.
+    Traceable and vmappable; when the null space has dimension > 1 this returns the
+    minimum-norm solution (``GHMM`` only relies on it for ``|1>>`` when eigenvalue 1 is
+    simple; ``stationary_state`` documents its choice).
     """
     d = M.shape[0]
     A = jnp.concatenate([M, constraint[None, :]], axis=0)
