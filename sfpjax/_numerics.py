@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,7 @@ __all__ = [
     "is_traced",
     "kron_vectors",
     "partition_labels",
+    "index_text",
     "scalar",
 ]
 
@@ -37,14 +39,32 @@ def default_atol(dtype) -> float:
 
 
 def float_dtype(dtype) -> jnp.dtype:
-    """``dtype`` checked to be floating; float32 when ``None``."""
-    if dtype is not None:
-        dtype = jnp.dtype(dtype)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
-        return dtype
-    # float32 unless asked: NumPy inputs are float64 by habit, not by intent.
-    return jnp.dtype(jnp.float32)
+    """The dtype a process is built in: float32 unless asked; float64 only with x64 enabled.
+
+    Half-precision dtypes are refused: their 3-4 significant digits cannot hold the
+    ``T |1>> = |1>>`` and ``<<eta|1>> = 1`` identities that every belief relies on.
+    """
+    if dtype is None:
+        # float32 unless asked: NumPy inputs are float64 by habit, not by intent.
+        return jnp.dtype(jnp.float32)
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
+    if dtype.itemsize < 4:
+        raise ValueError(
+            f"processes cannot be built in {dtype.name}: with about {int(jnp.finfo(dtype).precision)} "
+            "significant digits the GHMM identities (T|1>> = |1>>, <<eta|1>> = 1) and the beliefs "
+            "do not hold. Use dtype=jnp.float32 (the default) or jnp.float64; cast model "
+            "activations, not the process, to low precision."
+        )
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise ValueError(
+            f"dtype={dtype.name} needs JAX's 64-bit mode, which is off, so the process would "
+            "silently be computed in float32. Enable it at the start of the program, before any "
+            "array is created: jax.config.update('jax_enable_x64', True) (or set "
+            "JAX_ENABLE_X64=1); or use dtype=jnp.float32."
+        )
+    return dtype
 
 
 def scalar(value, dtype) -> Array:
@@ -58,18 +78,29 @@ def scalar(value, dtype) -> Array:
     return arr
 
 
-def check_range(name: str, value, lo: float, hi: float, *, open_lo=False, open_hi=False) -> None:
-    """Raise a ValueError naming ``name`` if a concrete scalar lies outside its interval."""
+def check_range(name: str, value, lo: float | int, hi: float | int, *, open_lo=False, open_hi=False):
+    """``value`` if it lies in the interval: a ``ValueError`` now when it is concrete, an
+    ``eqx.error_if`` on the returned value when it is traced (NaN fails both ways), so the
+    caller must build from the returned value."""
+    interval = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
     if is_traced(value):
-        return
+        ok = ((value > lo) if open_lo else (value >= lo)) & ((value < hi) if open_hi else (value <= hi))
+        return eqx.error_if(
+            value, ~ok, f"sfpjax: invalid process parameter: {name} must lie in {interval} (a value "
+            "outside it, or NaN, reached the constructor under jit/vmap)."
+        )
     scalar(value, None)
     v = float(value)
     ok_lo = v > lo if open_lo else v >= lo
     ok_hi = v < hi if open_hi else v <= hi
     if not (ok_lo and ok_hi and np.isfinite(v)):
-        lb = "(" if open_lo else "["
-        rb = ")" if open_hi else "]"
-        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}; got {v}.")
+        raise ValueError(f"{name} must lie in {interval}; got {v}.")
+    return value
+
+
+def index_text(idx) -> str:
+    """An array index as plain Python ints: ``(0, 2)``, not ``(np.int64(0), np.int64(2))``."""
+    return str(tuple(int(i) for i in idx))
 
 
 def entropy(p: Array) -> Array:
@@ -93,7 +124,7 @@ def partition_labels(sectors, d: int, what: str) -> np.ndarray:
     for k, idx in enumerate(sectors):
         idx = np.asarray(idx)
         if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"{what}: sector {k} must be a non-empty 1-D sequence of state indices; got {idx!r}.")
+            raise ValueError(f"{what}: sector {k} must be a non-empty 1-D sequence of state indices; got {idx.tolist()}.")
         if (idx < 0).any() or (idx >= d).any():
             raise ValueError(f"{what}: sector {k} has state indices outside range({d}): {idx.tolist()}.")
         taken = idx[labels[idx] >= 0]

@@ -23,16 +23,20 @@ an exact zero: the result is then a very negative, finite log-probability.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from ..processes._ghmm import GHMM, check_process
 from ..processes._kernels import belief_step, next_token_law
 from ._batched_filter import batch_sharding, check_tokens, filter_donated, filter_fresh, sharded_filter
+from .._numerics import default_atol as _default_atol
+from .._numerics import is_traced as _is_traced
 
 __all__ = [
     "FilterResult",
@@ -210,7 +214,9 @@ def filter_beliefs(
         tokens: integer array ``(*batch, L)`` of symbols in ``[0, V)``; any number of
             leading batch axes (none for a single sequence).
         initial: the belief before the first token; default ``process.eta0``. Either one
-            row vector ``(d,)`` or one per sequence ``(*batch, d)``.
+            row vector ``(d,)`` or one per sequence ``(*batch, d)``; each must be
+            normalized, ``<<initial|1>> = 1`` (an unnormalized one would shift every
+            log-probability by a constant, so it is refused, not rescaled).
         out: a previous result of the same shape and dtype whose buffers are reused for
             this one. They are *donated*: ``out`` must not be used afterwards (its arrays
             are deleted, as with any donated JAX buffer). Filtering many batches in a loop
@@ -234,8 +240,10 @@ def filter_beliefs(
         zero-probability sequences.
 
     Raises:
-        ValueError: tokens that are not integers, an ``out`` of the wrong shape or dtype,
-            or (at run time, through ``eqx.error_if``) tokens outside the alphabet.
+        ValueError: tokens that are not integers or (when concrete) outside the alphabet
+            ``[0, V)``, an ``initial`` that is not normalized, an ``out`` of the wrong shape
+            or dtype. Under ``jit`` the token range and the normalization are checked at
+            run time through ``eqx.error_if``.
 
     >>> import jax, sfpjax, jax.numpy as jnp
     >>> p = sfpjax.mess3(0.15, 0.6)
@@ -254,6 +262,7 @@ def filter_beliefs(
     if not isinstance(tokens, jax.Array):  # asarray returns an Array as is, at tens of us a call
         tokens = jnp.asarray(tokens)
     _check_token_shape(tokens)
+    _check_token_values(tokens, process.vocab_size)
     batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
     d = process.num_states
     if initial is not None:
@@ -267,6 +276,7 @@ def filter_beliefs(
                 f"initial of shape {initial.shape} does not broadcast against the token batch "
                 f"shape {batch_shape}; give one (d,) vector or one per sequence (*batch, d)."
             ) from None
+        initial = check_initial(process, initial)
     if out is not None:
         _check_out(out, batch_shape + (L, d), batch_shape + (L,), process.dtype)
     sharded = batch_sharding(tokens)
@@ -283,6 +293,57 @@ def filter_beliefs(
     if out is None:
         return FilterResult(*filter_fresh(process, tokens, initial, None))
     return FilterResult(*filter_donated(process, tokens, initial, out))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _any_out_of_range(tokens: Array, V: int) -> Array:
+    return ((tokens < 0) | (tokens >= V)).any()
+
+
+def _check_token_values(tokens: Array, V: int) -> None:
+    """Concrete tokens outside ``[0, V)``: a ``ValueError`` naming the first one, before any
+    kernel runs (the kernel's own check reports through a runtime callback, whose message
+    comes after pages of callback log). Traced tokens are left to the kernel's check."""
+    if _is_traced(tokens):
+        return
+    with jax.ensure_compile_time_eval():  # concrete tokens inside an enclosing jit too
+        if not bool(_any_out_of_range(tokens, V)):
+            return
+    host = np.asarray(tokens)
+    bad = np.argwhere((host < 0) | (host >= V))
+    first = tuple(int(i) for i in bad[0])
+    raise ValueError(
+        f"tokens outside the alphabet: every token must lie in [0, {V}) for this process with {V} "
+        f"symbols; tokens[{', '.join(map(str, first))}] is {int(host[first])} ({len(bad)} of "
+        f"{host.size} tokens are out of range). Check the vocabulary (a BOS or padding id must be "
+        "removed before filtering)."
+    )
+
+
+def check_initial(process: GHMM, initial: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
+    """``initial`` after checking ``<<initial|1>> = 1`` for every row: a ``ValueError`` naming
+    the first bad row when concrete, an ``eqx.error_if`` on the returned array when traced."""
+    norm = initial @ process.right
+    tol = _default_atol(process.dtype) * jnp.maximum(1.0, jnp.abs(initial) @ jnp.abs(process.right))
+    bad = ~(jnp.abs(norm - 1) <= tol)
+    if _is_traced(initial, process.right):
+        return eqx.error_if(
+            initial, bad,
+            "sfpjax: initial belief not normalized: <<initial|1>> must be 1 for every sequence "
+            "(an unnormalized initial vector shifts every log-probability); divide it by "
+            "initial @ process.right.",
+        )
+    bad = np.atleast_1d(np.asarray(bad))
+    if bad.any():
+        i = tuple(int(j) for j in np.argwhere(bad)[0])
+        value = float(np.atleast_1d(np.asarray(norm))[i])
+        where = f" for sequence {i}" if initial.ndim > 1 else ""
+        raise ValueError(
+            f"initial must be normalized, <<initial|1>> = 1 (for an HMM: entries summing to 1), "
+            f"but it is {value:.6g}{where}; an unnormalized initial vector would shift every "
+            "log-probability by a constant. Divide it by initial @ process.right."
+        )
+    return initial
 
 
 def _check_token_shape(tokens: Array) -> None:
@@ -327,6 +388,13 @@ def next_token_probs(process: GHMM, beliefs: Float[Array, "*batch d"]) -> Float[
     >>> sfpjax.next_token_probs(p, p.eta0).shape
     (3,)
     """
+    check_process(process)
+    beliefs = jnp.asarray(beliefs)
+    if beliefs.ndim < 1 or beliefs.shape[-1] != process.num_states:
+        raise ValueError(
+            f"beliefs must end in the state dimension {process.num_states} of the process, got shape "
+            f"{beliefs.shape}."
+        )
     probs = next_token_law(process.T, process.right, beliefs)
     return probs / probs.sum(-1, keepdims=True)
 

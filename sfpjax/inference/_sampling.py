@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._filter import check_initial
 from ..processes._ghmm import GHMM, is_hmm
 from ..processes._ghmm import check_process as _check_process
 from ..processes._kernels import belief_step, next_token_law
@@ -25,7 +26,7 @@ def _initial_beliefs(process: GHMM, initial, batch_size: int) -> Float[Array, "B
             f"initial must be one belief of shape ({d},) or one per sequence ({batch_size}, {d}); "
             f"got shape {initial.shape}."
         )
-    return jnp.broadcast_to(initial, (batch_size, d))
+    return jnp.broadcast_to(check_initial(process, initial), (batch_size, d))
 
 
 @eqx.filter_jit
@@ -77,8 +78,8 @@ def sample(
         process: a single GHMM; ``jax.vmap`` over stacked processes (and keys) for sweeps.
         key: PRNG key.
         batch_size, seq_len: output shape.
-        initial: the belief to start from, ``(d,)`` or one per sequence ``(batch_size, d)``;
-            default ``process.eta0`` (the stationary state unless the process was built with
+        initial: the belief to start from, ``(d,)`` or one per sequence ``(batch_size, d)``,
+            normalized (``<<initial|1>> = 1``, else ``ValueError``); default ``process.eta0`` (the stationary state unless the process was built with
             another initial vector).
         return_states: also return the hidden states (HMMs only): ``states[:, t]`` is the state
             before token ``t`` is emitted, so ``tokens[:, t]`` is emitted on the transition

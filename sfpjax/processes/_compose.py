@@ -9,7 +9,9 @@ every sector product ``V_sigma`` invariant (partition preservation, eq. 2.9) whi
 initial state correlates the factors' sectors (eq. 2.26).
 
 Every constructor builds its arrays with ``jax.numpy``, so it traces and vmaps over its
-array inputs (stacked factor processes, weights, priors, noise levels).
+array inputs (stacked factor processes, weights, priors, noise levels). Invalid inputs raise
+``ValueError`` when they are concrete; under ``jit``/``vmap`` the same checks are compiled
+into the result with ``eqx.error_if`` (see ``sfpjax.GHMM``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from collections.abc import Sequence
 from typing import Union
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from .._numerics import check_range as _check_range
 from .._numerics import default_atol as _default_atol
+from .._numerics import index_text as _index
 from .._numerics import is_traced as _is_traced
 from .._numerics import partition_labels as _partition_labels
 from ._ghmm import GHMM, with_factors
@@ -96,8 +100,34 @@ def product(*factors: GHMM) -> GHMM:
 def _check_vocab_sizes(vocab_sizes) -> tuple[int, ...]:
     sizes = tuple(int(v) for v in vocab_sizes)
     if not sizes or any(v < 1 for v in sizes):
-        raise ValueError(f"vocab_sizes must be a non-empty sequence of positive ints; got {tuple(vocab_sizes)}.")
+        raise ValueError(f"vocab_sizes must be a non-empty sequence of positive ints; got {sizes}.")
+    if math.prod(sizes) > np.iinfo(np.int32).max:
+        raise ValueError(f"the joint alphabet of vocab_sizes {sizes} has more than 2**31 - 1 symbols.")
     return sizes
+
+
+def _checked_symbols(tokens, V: int, what: str) -> Array:
+    """``tokens`` as int32 after checking every entry lies in ``[0, V)``: a ``ValueError``
+    naming the first offending entry when concrete, an ``eqx.error_if`` when traced."""
+    if not isinstance(tokens, jax.Array):
+        tokens = jnp.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{what} must be integers, got dtype {tokens.dtype}.")
+    if _is_traced(tokens):
+        bad = ((tokens < 0) | (tokens >= V)).any()
+        return eqx.error_if(
+            tokens.astype(jnp.int32), bad,
+            f"sfpjax: {what} outside [0, {V}): symbols are not wrapped onto valid ones; remove or "
+            "fix the out-of-range entries.",
+        )
+    host = np.asarray(tokens)
+    bad = np.argwhere((host < 0) | (host >= V))
+    if bad.size:
+        raise ValueError(
+            f"{what} must lie in [0, {V}); entry {_index(bad[0])} is {int(host[tuple(bad[0])])} "
+            f"({len(bad)} entries are out of range). Symbols are not wrapped onto valid ones."
+        )
+    return tokens.astype(jnp.int32)
 
 
 def encode_tokens(
@@ -110,6 +140,10 @@ def encode_tokens(
             ``range(V_f)``.
         vocab_sizes: ``(V_0, ..., V_{F-1})``.
 
+    Raises:
+        ValueError: a token outside its factor's alphabet (checked at run time with
+            ``eqx.error_if`` under ``jit``), non-integer tokens, mismatched shapes.
+
     >>> import jax.numpy as jnp, sfpjax
     >>> sfpjax.encode_tokens([jnp.array([0, 1, 1]), jnp.array([2, 0, 1])], (2, 3))
     Array([2, 3, 4], dtype=int32)
@@ -119,37 +153,51 @@ def encode_tokens(
         raise ValueError(
             f"give one token array per factor: {len(sizes)} vocab sizes, {len(factor_tokens)} token arrays."
         )
-    toks = [jnp.asarray(t) for t in factor_tokens]
-    shapes = {t.shape for t in toks}
-    if len(shapes) != 1:
-        raise ValueError(f"all factor token arrays must share one shape; got {[t.shape for t in toks]}.")
+    shapes = [tuple(np.shape(t)) for t in factor_tokens]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"all factor token arrays must share one shape; got {shapes}.")
+    toks = [_checked_symbols(t, v, f"factor {f} tokens") for f, (t, v) in enumerate(zip(factor_tokens, sizes))]
     out = jnp.zeros(toks[0].shape, jnp.int32)
     for t, v in zip(toks, sizes):
-        out = out * v + t.astype(jnp.int32)
+        out = out * v + t
     return out
 
 
 def decode_tokens(tokens: Int[ArrayLike, "*shape"], vocab_sizes: Sequence[int]) -> tuple[Int[Array, "*shape"], ...]:
     """Per-factor symbols ``(x_0, ..., x_{F-1})`` of joint symbols (inverse of ``encode_tokens``).
 
+    Joint symbols must lie in ``[0, V_0 ... V_{F-1})``; others raise ``ValueError`` (at run
+    time through ``eqx.error_if`` under ``jit``) instead of wrapping onto valid symbols.
+
     >>> import jax.numpy as jnp, sfpjax
     >>> sfpjax.decode_tokens(jnp.array([2, 3, 4]), (2, 3))
     (Array([0, 1, 1], dtype=int32), Array([2, 0, 1], dtype=int32))
     """
     sizes = _check_vocab_sizes(vocab_sizes)
-    return factor_symbols(jnp.asarray(tokens).astype(jnp.int32), sizes)
+    return factor_symbols(_checked_symbols(tokens, math.prod(sizes), "joint tokens"), sizes)
+
+
+def _check_distribution(p: Array, what: str, dtype) -> Array:
+    """``p`` after checking it is a probability distribution (non-negative, summing to 1):
+    ``ValueError`` when concrete, ``eqx.error_if`` on the returned array when traced."""
+    atol = max(_default_atol(dtype), 1e-6)
+    if _is_traced(p):
+        bad = (p < -atol).any() | ~(jnp.abs(p.sum() - 1) <= atol * p.size)
+        return eqx.error_if(
+            p, bad, f"sfpjax: invalid process: {what} must be non-negative and sum to 1 (checked under jit/vmap)."
+        )
+    pn = np.asarray(p, np.float64)
+    if not np.isfinite(pn).all() or (pn < -atol).any() or abs(pn.sum() - 1) > atol * pn.size:
+        shown = pn.tolist() if pn.size <= 16 else f"min {pn.min():.6g}"
+        raise ValueError(f"{what} must be non-negative and sum to 1; got {shown} (sum {pn.sum():.6g}).")
+    return p
 
 
 def _check_weights(weights, n: int, what: str, dtype) -> Array:
     w = jnp.asarray(weights, dtype)
     if w.shape != (n,):
         raise ValueError(f"{what} must have shape ({n},), one weight per component; got {w.shape}.")
-    if not _is_traced(w):
-        wn = np.asarray(w, np.float64)
-        atol = max(_default_atol(dtype), 1e-6)
-        if (wn < -atol).any() or abs(wn.sum() - 1) > atol * n:
-            raise ValueError(f"{what} must be non-negative and sum to 1; got {wn.tolist()} (sum {wn.sum():.6g}).")
-    return w
+    return _check_distribution(w, what, dtype)
 
 
 def direct_sum(
@@ -255,9 +303,17 @@ class SemiFactoredProcess(eqx.Module):
         return [np.flatnonzero(labels == k) for k in range(math.prod(grid))]
 
 
-def _check_factor_partition_preserving(T: Array, sectors, f: int, atol: float) -> None:
+def _check_factor_partition_preserving(T: Array, sectors, f: int, atol: float) -> Array:
+    """``T`` after checking it is block diagonal in ``sectors`` (``eqx.error_if`` when traced)."""
     leak = partition_leakage(T, sectors)
-    if not _is_traced(leak) and float(np.max(np.asarray(leak))) > atol:
+    if _is_traced(leak):
+        return eqx.error_if(
+            T, leak > atol,
+            f"sfpjax: invalid process: factor {f} does not preserve its sectors (some T(x) maps a state "
+            "of one sector to another; checked under jit/vmap). Every T(x) must be block diagonal "
+            "with respect to the factor's sectors.",
+        )
+    if float(np.max(np.asarray(leak))) > atol:
         labels, _ = joint_sector_labels(sectors, T.shape[-1])
         mask = labels[:, None] != labels[None, :]
         Tn = np.abs(np.asarray(T)) * mask
@@ -267,6 +323,7 @@ def _check_factor_partition_preserving(T: Array, sectors, f: int, atol: float) -
             f"maps state {i} (sector {labels[i]}) to state {j} (sector {labels[j]}). "
             "Every T(x) must be block diagonal with respect to the factor's sectors."
         )
+    return T
 
 
 def semi_factored(
@@ -316,7 +373,9 @@ def semi_factored(
     dims = [p.num_states for p in factors]
     for f, (p, s) in enumerate(zip(factors, sectors)):
         _partition_labels(s, dims[f], f"factor {f} sectors")
-        _check_factor_partition_preserving(p.T, s, f, _default_atol(dtype))
+        T_checked = _check_factor_partition_preserving(p.T, s, f, _default_atol(dtype))
+        if T_checked is not p.T:
+            factors[f] = eqx.tree_at(lambda q: q.T, p, T_checked)
     grid = tuple(len(s) for s in sectors)
     prior = jnp.asarray(sector_prior, dtype)
     if prior.shape != grid:
@@ -324,13 +383,7 @@ def semi_factored(
             f"sector_prior must have shape {grid} (one entry per sector assignment, "
             f"N_f = number of sectors of factor f); got {prior.shape}."
         )
-    if not _is_traced(prior):
-        pn = np.asarray(prior, np.float64)
-        atol = max(_default_atol(dtype), 1e-6)
-        if (pn < -atol).any() or abs(pn.sum() - 1) > atol * pn.size:
-            raise ValueError(
-                f"sector_prior must be non-negative and sum to 1; got sum {pn.sum():.6g}, min {pn.min():.6g}."
-            )
+    prior = _check_distribution(prior, "sector_prior", dtype)
     # restricted[f][i] = P_i <<eta_f(0)| normalized by its weight; stacked (N_f, d_f).
     restricted = []
     for f, (p, s) in enumerate(zip(factors, sectors)):
@@ -338,7 +391,15 @@ def semi_factored(
         masks = jnp.asarray(labels[None, :] == np.arange(len(s))[:, None], dtype)
         parts = masks * jnp.broadcast_to(p.eta0[None, :], masks.shape)
         mass = parts @ p.right
-        if not _is_traced(mass, prior):
+        if _is_traced(mass, prior):
+            marg = prior.sum(tuple(g for g in range(F) if g != f))
+            mass = eqx.error_if(
+                mass, ((jnp.abs(mass) <= _default_atol(dtype)) & (marg > 0)).any(),
+                f"sfpjax: invalid process: a sector of factor {f} has prior mass but zero weight under "
+                "the factor's initial state <<eta_f(0)| (checked under jit/vmap); give the factor an "
+                "initial state with weight on every sector or put no prior mass there.",
+            )
+        else:
             marg = np.asarray(prior, np.float64).sum(tuple(g for g in range(F) if g != f))
             bad = np.flatnonzero((np.abs(np.asarray(mass)) <= _default_atol(dtype)) & (marg > 0))
             if bad.size:
@@ -386,8 +447,8 @@ def partitioned_z1r_sfp(
     >>> print(np.round(np.asarray(sfpjax.partitioned_z1r_sfp(0.6).process.eta0), 3))
     [0.6 0.  0.  0.  0.1 0.1 0.  0.1 0.1]
     """
-    _check_range("p_matched", p_matched, 0.0, 1.0)
-    _check_range("p_mismatched", p_mismatched, 0.0, 1.0)
+    p_matched = _check_range("p_matched", p_matched, 0.0, 1.0)
+    p_mismatched = _check_range("p_mismatched", p_mismatched, 0.0, 1.0)
     z = partitioned_z1r(dtype=dtype)
     p = jnp.asarray(p_matched, z.dtype)
     q = jnp.asarray(p_mismatched, z.dtype)
@@ -467,13 +528,10 @@ def with_token_noise(process: GHMM, eps: Scalar) -> GHMM:
     """
     if not isinstance(process, GHMM):
         raise ValueError(f"with_token_noise needs a GHMM; got {type(process).__name__}.")
-    if not _is_traced(eps):
-        e = float(eps)
-        if not (0.0 <= e <= 1.0):
-            raise ValueError(f"eps must lie in [0, 1] (a probability of replacing the symbol); got {e}.")
+    if np.shape(eps) != ():
+        raise ValueError(f"eps must be a scalar (vmap over a grid of eps); got shape {np.shape(eps)}.")
+    eps = _check_range("eps", eps, 0, 1)
     eps = jnp.asarray(eps, process.dtype)
-    if eps.shape != ():
-        raise ValueError(f"eps must be a scalar (vmap over a grid of eps); got shape {eps.shape}.")
     V = process.vocab_size
     T = (1 - eps) * process.T + (eps / V) * jnp.broadcast_to(process.T.sum(-3, keepdims=True), process.T.shape)
     return GHMM(T, process.eta0, process.right, dtype=process.dtype)

@@ -38,7 +38,7 @@ __all__ = [
 def _check_factor_dims(factor_dims, d: int | None = None) -> tuple[int, ...]:
     dims = tuple(int(n) for n in factor_dims)
     if not dims or any(n < 1 for n in dims):
-        raise ValueError(f"factor_dims must be a non-empty sequence of positive ints; got {tuple(factor_dims)}.")
+        raise ValueError(f"factor_dims must be a non-empty sequence of positive ints; got {dims}.")
     if d is not None and math.prod(dims) != d:
         raise ValueError(
             f"the joint dimension {d} must equal the product of factor_dims {dims} = {math.prod(dims)}."

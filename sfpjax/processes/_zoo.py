@@ -4,14 +4,17 @@ Conventions: ``T[x, i, j] = T(x)_{ij}``; for the HMMs ``T(x)_{ij} = Pr(next stat
 symbol x | state i)``. Every constructor takes ``dtype=None`` (float32 by default) and
 builds its arrays with ``jax.numpy`` from its float parameters, so it can be traced:
 ``jax.vmap(sfpjax.mess3)(xs, as_)`` gives one stacked ``GHMM`` whose leading axis indexes
-the grid. Parameter ranges are checked when the parameters are concrete; under tracing
-(``jit``/``vmap``) the checks are skipped, as is GHMM validation.
+the grid. Parameter ranges are checked at once (``ValueError``) when the parameters are
+concrete; under tracing (``jit``/``vmap``) the same checks, and the GHMM conditions, are
+compiled into the returned process with ``eqx.error_if``, so using a process built from an
+out-of-range or NaN parameter stops with a runtime error that names the parameter.
 """
 
 from __future__ import annotations
 
 from typing import Union
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +66,7 @@ def coin(p: Scalar = 0.5, *, dtype=None) -> GHMM:
     Array([0.75, 0.25], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("coin probability p", p, 0.0, 1.0)
+    p = _check_range("coin probability p", p, 0.0, 1.0)
     p = _scalar(p, dtype)
     T = _build({(0, 0, 0): 1 - p, (1, 0, 0): p}, 2, 1, dtype)
     return GHMM(T, jnp.ones((1,), dtype), dtype=dtype, hmm=True)
@@ -86,7 +89,7 @@ def z1r(p: Scalar = 0.5, *, dtype=None) -> GHMM:
     Array([0.33333..., 0.33333..., 0.33333...], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("z1r probability p", p, 0.0, 1.0)
+    p = _check_range("z1r probability p", p, 0.0, 1.0)
     p = _scalar(p, dtype)
     T = _build({(0, 0, 1): 1.0, (1, 1, 2): 1.0, (0, 2, 0): p, (1, 2, 0): 1 - p}, 2, 3, dtype)
     return GHMM(T, jnp.full((3,), 1.0 / 3.0, dtype), dtype=dtype, hmm=True)
@@ -141,8 +144,8 @@ def mess3(x: Scalar = 0.15, a: Scalar = 0.6, *, dtype=None) -> GHMM:
     (2, 3, 3, 3)
     """
     dtype = _float_dtype(dtype)
-    _check_range("mess3 x", x, 0.0, 0.5)
-    _check_range("mess3 a", a, 0.0, 1.0)
+    x = _check_range("mess3 x", x, 0.0, 0.5)
+    a = _check_range("mess3 a", a, 0.0, 1.0)
     x, a = _scalar(x, dtype), _scalar(a, dtype)
     b = (1 - a) / 2
     y = 1 - 2 * x
@@ -175,8 +178,8 @@ def rrxor(p1: Scalar = 0.5, p2: Scalar = 0.5, *, dtype=None) -> GHMM:
     Array([0.33333..., 0.16666..., 0.16666..., 0.16666..., 0.16666...], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("rrxor p1", p1, 0.0, 1.0)
-    _check_range("rrxor p2", p2, 0.0, 1.0)
+    p1 = _check_range("rrxor p1", p1, 0.0, 1.0)
+    p2 = _check_range("rrxor p2", p2, 0.0, 1.0)
     p1, p2 = _scalar(p1, dtype), _scalar(p2, dtype)
     S, Z, O, Tr, F = range(5)
     entries = {
@@ -206,7 +209,7 @@ def even_process(p: Scalar = 0.5, *, dtype=None) -> GHMM:
     Array([0.66666..., 0.33333...], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("even_process p", p, 0.0, 1.0)
+    p = _check_range("even_process p", p, 0.0, 1.0)
     p = _scalar(p, dtype)
     T = _build({(0, 0, 0): 1 - p, (1, 0, 1): p, (1, 1, 0): 1.0}, 2, 2, dtype)
     return GHMM(T, jnp.stack([jnp.ones((), dtype), p]) / (1 + p), dtype=dtype, hmm=True)
@@ -229,7 +232,7 @@ def golden_mean(p: Scalar = 0.5, *, dtype=None) -> GHMM:
            [0. , 0. ]], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("golden_mean p", p, 0.0, 1.0)
+    p = _check_range("golden_mean p", p, 0.0, 1.0)
     p = _scalar(p, dtype)
     T = _build({(0, 0, 0): 1 - p, (1, 0, 1): p, (0, 1, 0): 1.0}, 2, 2, dtype)
     return GHMM(T, jnp.stack([jnp.ones((), dtype), p]) / (1 + p), dtype=dtype, hmm=True)
@@ -254,7 +257,7 @@ def noisy_and(eps: Scalar = 0.1, *, dtype=None) -> GHMM:
     Array([0.33333..., 0.16666..., 0.16666..., 0.25..., 0.08333...], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("noisy_and eps", eps, 0.0, 1.0)
+    eps = _check_range("noisy_and eps", eps, 0.0, 1.0)
     eps = _scalar(eps, dtype)
     S, A0, A1, C0, C1 = range(5)
     entries = {
@@ -287,7 +290,7 @@ def noisy_not(eps: Scalar = 0.1, *, dtype=None) -> GHMM:
            [0. , 0. , 0. ]], dtype=float32)
     """
     dtype = _float_dtype(dtype)
-    _check_range("noisy_not eps", eps, 0.0, 1.0)
+    eps = _check_range("noisy_not eps", eps, 0.0, 1.0)
     eps = _scalar(eps, dtype)
     S, N0, N1 = range(3)
     entries = {
@@ -328,8 +331,18 @@ def tom_quantum(alpha: Scalar = 1.0, beta: Scalar = 0.5, *, dtype=None) -> GHMM:
     """
     dtype = _float_dtype(dtype)
     alpha, beta = _scalar(alpha, dtype), _scalar(beta, dtype)
-    if not _is_traced(alpha, beta) and float(alpha) ** 2 + float(beta) ** 2 <= 0:
-        raise ValueError(f"tom_quantum needs alpha^2 + beta^2 > 0; got alpha={float(alpha)}, beta={float(beta)}.")
+    if not _is_traced(alpha, beta):
+        if not (np.isfinite(float(alpha)) and np.isfinite(float(beta)) and float(alpha) ** 2 + float(beta) ** 2 > 0):
+            raise ValueError(
+                f"tom_quantum needs finite alpha, beta with alpha^2 + beta^2 > 0; got alpha={float(alpha)}, "
+                f"beta={float(beta)}."
+            )
+    else:
+        alpha = eqx.error_if(
+            alpha, ~(alpha**2 + beta**2 > 0),
+            "sfpjax: invalid process parameter: tom_quantum needs alpha^2 + beta^2 > 0 (a zero or NaN "
+            "pair reached the constructor under jit/vmap).",
+        )
     g = 1 / (4 * (alpha**2 + beta**2))
     c = 2 * alpha * beta * g
     m = (alpha**2 - beta**2) * g
@@ -390,6 +403,12 @@ def post_quantum(alpha: Scalar = 1.5, beta: Scalar = 0.5, *, dtype=None) -> GHMM
         a_, b_ = float(alpha), float(beta)
         if not (a_ > 1 > b_ > 0):
             raise ValueError(f"post_quantum needs alpha > 1 > beta > 0; got alpha={a_}, beta={b_}.")
+    else:
+        alpha = eqx.error_if(
+            alpha, ~((alpha > 1) & (beta < 1) & (beta > 0)),
+            "sfpjax: invalid process parameter: post_quantum needs alpha > 1 > beta > 0 (a value "
+            "outside, or NaN, reached the constructor under jit/vmap).",
+        )
 
     def A(v):
         return {(0, 0): v, (1, 1): 1.0, (2, 1): jnp.log(v), (2, 2): 1.0}

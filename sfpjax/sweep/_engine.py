@@ -27,6 +27,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -870,6 +871,12 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
     n = len(grid)
     base_key = None if key is None else jax.device_put(key, replicated)
 
+    def evaluate(lo, cols, take):
+        params = {k: jax.device_put(v[take], sharded) for k, v in _device_params(cols).items()}
+        index = jax.device_put((lo + take).astype(np.int32), sharded)
+        # Dispatch is asynchronous: this returns while the devices compute.
+        return jitted(base_key, index, params)
+
     def launch(c: int):
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
         real = hi - lo
@@ -877,15 +884,18 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
         # Padding repeats the last real point, so fn never sees out-of-range parameters.
         pad = np.full(padded - real, real - 1, dtype=np.int64)
         take = np.concatenate([np.arange(real, dtype=np.int64), pad])
-        params = {k: jax.device_put(v[take], sharded) for k, v in _device_params(cols).items()}
-        index = jax.device_put((lo + take).astype(np.int32), sharded)
-        # Dispatch is asynchronous: this returns while the devices compute.
-        return c, lo, hi, cols, jitted(base_key, index, params)
+        try:
+            return c, lo, hi, cols, evaluate(lo, cols, take)
+        except (RuntimeError, ValueError) as e:
+            raise _name_failing_point(e, grid, lo, real, padded, functools.partial(evaluate, lo, cols)) from e
 
     computed = {}
 
     def finish(c, lo, hi, cols, pending) -> int:
-        out = {k: np.asarray(v)[: hi - lo] for k, v in jax.device_get(pending).items()}
+        try:
+            out = {k: np.asarray(v)[: hi - lo] for k, v in jax.device_get(pending).items()}
+        except (RuntimeError, ValueError) as e:
+            raise _name_failing_point(e, grid, lo, hi - lo, padded, functools.partial(evaluate, lo, cols)) from e
         columns = [np.arange(lo, hi, dtype=np.int64), *cols.values(), *(out[k] for k in table_metrics)]
         _write_chunk(layout, c, header, columns, {k: out[k] for k in array_metrics})
         computed[c] = columns
@@ -911,3 +921,53 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
         bar.close()
     return computed
 
+
+
+def _is_check_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a value check in ``fn`` (``eqx.error_if``) that failed at run time
+    (a ``JaxRuntimeError``, or a ``ValueError`` when a cached jitted call reports it)."""
+    return "EquinoxRuntimeError" in f"{type(error).__name__}: {error}"
+
+
+def _name_failing_point(error, grid: Grid, lo: int, real: int, padded: int, evaluate) -> BaseException:
+    """A ``ValueError`` naming the first grid point whose value check fails, or ``error`` itself.
+
+    Under ``vmap`` one failing ``eqx.error_if`` (an invalid process parameter, say) stops the
+    whole chunk without saying which point tripped it. The chunk's points are bisected by
+    evaluating subsets, each repeated to the compiled chunk shape, so no recompilation.
+    """
+    if not _is_check_failure(error):
+        return error
+
+    def fails(subset: np.ndarray) -> bool:
+        try:
+            jax.block_until_ready(evaluate(subset[np.arange(padded) % subset.size]))
+        except (RuntimeError, ValueError) as e:
+            if _is_check_failure(e):
+                return True
+            raise
+        return False
+
+    def quiet(record: logging.LogRecord) -> bool:
+        # JAX logs every failed callback with its traceback; the search fails on purpose.
+        return record.getMessage() != "jax.pure_callback failed"
+
+    callback_log = logging.getLogger("jax._src.callback")
+    callback_log.addFilter(quiet)
+    try:
+        candidates = np.arange(real)
+        if not fails(candidates):
+            return error
+        while candidates.size > 1:
+            half = candidates[: candidates.size // 2]
+            candidates = half if fails(half) else candidates[candidates.size // 2:]
+    finally:
+        callback_log.removeFilter(quiet)
+    i = lo + int(candidates[0])
+    text = str(error)
+    reason = text.split("EquinoxRuntimeError: ", 1)[-1].split("\n\n", 1)[0].strip()
+    params = ", ".join(f"{k}={v!r}" for k, v in grid.point(i).items())
+    return ValueError(
+        f"fn fails at grid point {i} ({params}): {reason} Fix or leave out that point; the chunks "
+        "finished before it are kept and a rerun resumes after them."
+    )

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, Key, PRNGKeyArray, UInt32
 
-from ..processes._ghmm import GHMM
+from ..processes._ghmm import GHMM, validate_ghmm
 from ._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from ._config import TrainConfig, optimizer_and_schedule
 from ._data import ArraySource, ProcessSource, as_source
@@ -111,6 +111,9 @@ def run_training(
     ``fingerprints`` names more things (besides the data source) a resumed run must share
     with the recorded one, as ``{name: digest}``; they are stored in the checkpoints.
     """
+    if isinstance(data, GHMM):
+        # A concrete process is checked before the first step (a traced one carries its checks).
+        data = validate_ghmm(data)
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}.")
     source = as_source(data)
