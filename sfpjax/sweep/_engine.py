@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -39,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
+
+from .._io import atomic_write, key_parts, sha256_json
 
 __all__ = ["Grid", "SweepResult", "grid", "load_sweep", "points", "run_sweep"]
 
@@ -277,40 +277,6 @@ class SweepResult:
 # --------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or all of the new one."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        # mkstemp creates 0600 files; sweep results are ordinary files for every reader.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 def _format_column(column: np.ndarray) -> list[str]:
     """Each value as its shortest string that reads back to the same value."""
     if column.dtype.kind == "b":
@@ -386,14 +352,12 @@ class _Layout:
 def _key_spec(key: Any) -> dict[str, Any] | None:
     if key is None:
         return None
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return {"impl": str(jax.random.key_impl(key)), "data": np.asarray(jax.random.key_data(key)).tolist()}
-    return {"impl": "raw", "data": np.asarray(key).tolist()}
+    data, impl = key_parts(key)
+    return {"impl": impl or "raw", "data": data.tolist()}
 
 
 def _fingerprint(grid_spec: Mapping[str, Any], key_spec: Any) -> str:
-    blob = json.dumps({"grid": grid_spec, "key": key_spec}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return sha256_json({"grid": grid_spec, "key": key_spec})
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -551,8 +515,8 @@ def _write_chunk(
     if arrays:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        _atomic_write(layout.chunk_npz(c), buf.getvalue())
-    _atomic_write(layout.chunk_csv(c), _csv_text(header, columns).encode())
+        atomic_write(layout.chunk_npz(c), buf.getvalue())
+    atomic_write(layout.chunk_csv(c), _csv_text(header, columns).encode())
 
 
 def _chunk_rows(manifest: Mapping[str, Any], c: int) -> int:
@@ -571,7 +535,7 @@ def _assemble(layout: _Layout, manifest: Mapping[str, Any]) -> None:
         if not text.startswith(header) or text.count("\n") != _chunk_rows(manifest, c) + 1:
             raise ValueError(f"{path!r} is not a whole chunk of this sweep; the file is damaged: {_RECOMPUTE}")
         pieces.append(text[len(header):])
-    _atomic_write(layout.results, "".join(pieces).encode())
+    atomic_write(layout.results, "".join(pieces).encode())
 
 
 def _load(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.ndarray] | None = None) -> SweepResult:
@@ -858,7 +822,7 @@ def _resolve_manifest(
     chunk_size = int(min(chunk_size, n))
     manifest = {**new, "chunk_size": chunk_size, "num_chunks": -(-n // chunk_size)}
     os.makedirs(chunks, exist_ok=True)
-    _atomic_write(path, json.dumps(manifest, indent=1).encode())
+    atomic_write(path, json.dumps(manifest, indent=1).encode())
     return manifest
 
 

@@ -12,7 +12,6 @@ instead of silently loading wrong parameters. An existing step is never overwrit
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import Array, Key, PRNGKeyArray, PyTree, UInt32
+
+from .._io import key_from_parts, key_parts, sha256_arrays
 
 __all__ = [
     "Checkpoint",
@@ -72,20 +73,6 @@ def _config_dict(config) -> dict | None:
 
 def _arrays(tree) -> list:
     return jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
-
-
-def _key_parts(key) -> tuple[np.ndarray, str | None]:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key)), str(jax.random.key_impl(key))
-    return np.asarray(key), None
-
-
-def _checksum(leaves: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for leaf in leaves:
-        h.update(str((leaf.shape, leaf.dtype.str)).encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -139,7 +126,7 @@ def save_checkpoint(
             )
         model_leaves = [np.asarray(x) for x in _arrays(model)]
         opt_leaves = [np.asarray(x) for x in _arrays(opt_state)]
-        key_data, key_impl = _key_parts(key)
+        key_data, key_impl = key_parts(key)
         state = {"model": model_leaves, "opt_state": opt_leaves, "key": key_data}
         meta = {
             "format": _FORMAT,
@@ -148,9 +135,9 @@ def save_checkpoint(
             "model_config": _config_dict(model_config),
             "train_config": _config_dict(train_config),
             "checksums": {
-                "model": _checksum(model_leaves),
-                "opt_state": _checksum(opt_leaves),
-                "key": _checksum([key_data]),
+                "model": sha256_arrays(model_leaves),
+                "opt_state": sha256_arrays(opt_leaves),
+                "key": sha256_arrays([key_data]),
             },
             "extra": extra or {},
         }
@@ -335,7 +322,7 @@ def restore_checkpoint(
     key_data = np.asarray(state["key"])
     sums = meta["checksums"]
     for what, leaves in (("model", host["model"]), ("opt_state", host["opt_state"]), ("key", [key_data])):
-        if _checksum(leaves) != sums.get(what):
+        if sha256_arrays(leaves) != sums.get(what):
             raise corrupted(f"the {what} arrays do not match the checksum recorded when it was written")
 
     def rebuild(like, leaves):
@@ -346,5 +333,5 @@ def restore_checkpoint(
     model = rebuild(like_model, host["model"])
     opt_state = rebuild(like_opt_state, host["opt_state"])
     impl = meta.get("key_impl")
-    key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=impl) if impl else jnp.asarray(key_data)
+    key = key_from_parts(key_data, impl)
     return Checkpoint(model, opt_state, step, key, meta)

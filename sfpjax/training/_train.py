@@ -19,7 +19,6 @@ a run is a function of ``key`` alone and a resumed run repeats the uninterrupted
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, UInt32
 
+from .._io import atomic_write, key_parts, sha256_tree
 from ..inference._filter import filter_beliefs, next_token_probs
 from ._checkpoint import _manager, latest_checkpoint, restore_checkpoint, save_checkpoint
 from ._data import ArraySource, ProcessSource, as_source
@@ -533,21 +533,6 @@ class TrainResult(NamedTuple):
     history: list[dict]
 
 
-def _fingerprint(tree) -> str:
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array)):
-        leaf = np.asarray(leaf)
-        h.update(str((leaf.shape, leaf.dtype.str)).encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
-
-
-def _key_data(key) -> np.ndarray:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key))
-    return np.asarray(key)
-
-
 def _to_json(x):
     x = np.asarray(x)
     return x.item() if x.ndim == 0 else x.tolist()
@@ -576,16 +561,6 @@ def _source_is_stacked(source) -> bool:
     if isinstance(source, ArraySource):
         return source.tokens.ndim == 3
     return True
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -657,7 +632,7 @@ def _run(
     model_config = getattr(model, "config", None)
     if not dataclasses.is_dataclass(model_config):
         model_config = None
-    fingerprint = _fingerprint(source)
+    fingerprint = sha256_tree(source)
     start = 0
     rows: list[dict] = []
     metrics_path = None
@@ -676,7 +651,7 @@ def _run(
             ck = restore_checkpoint(
                 run_dir, model, opt_state, model_config, cfg, ignore_fields=_BOOKKEEPING
             )
-            if not np.array_equal(_key_data(ck.key), _key_data(key)):
+            if not np.array_equal(key_parts(ck.key)[0], key_parts(key)[0]):
                 raise ValueError(
                     f"the key differs from the key of the run in {run_dir}; resume with the same key "
                     "(the run is a function of its key) or start a new run_dir."
@@ -688,9 +663,9 @@ def _run(
                 )
             model, opt_state, start = ck.model, ck.opt_state, ck.step
             rows = [r for r in _read_rows(metrics_path) if r.get("step", 0) <= start]
-            _write_rows(metrics_path, rows)
+            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         elif metrics_path.exists():
-            _write_rows(metrics_path, [])
+            atomic_write(metrics_path, b"")
         manager = _manager(run_dir, keep=cfg.keep_checkpoints, create=True)
 
     if start == 0:
