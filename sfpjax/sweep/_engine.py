@@ -44,6 +44,7 @@ from ._store import (
     key_spec,
     load_folder,
     read_manifest,
+    verify_chunk,
     write_chunk,
 )
 
@@ -289,6 +290,7 @@ def run_sweep(
         "num_points": n,
         "metrics": specs,
         "columns": header,
+        "checksums": "sha256",
     }
 
     def resolve() -> dict[str, Any]:
@@ -311,18 +313,24 @@ def run_sweep(
     else:
         manifest = resolve()
     chunk_size, num_chunks = manifest["chunk_size"], manifest["num_chunks"]
-    layout = Layout(out_dir, num_chunks)
+    layout = Layout.of(out_dir, manifest)
 
     computed: dict[int, list[np.ndarray]] = {}
-    todo = [c for c in _my_chunks(num_chunks, process_index, process_count) if not layout.done(c)]
-    if todo and not os.path.exists(layout.results):
+    mine = _my_chunks(num_chunks, process_index, process_count)
+    finished = {c for c in mine if layout.done(c)}
+    todo = [c for c in mine if c not in finished]
+    if not layout.complete():
+        # Resuming: the finished chunks are checked before more work is added to them.
+        for c in sorted(finished):
+            verify_chunk(layout, c, with_arrays=bool(array_metrics))
+    if todo and not layout.complete():
         padded = -(-chunk_size // n_dev) * n_dev
         computed = _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header,
                                table_metrics, array_metrics, sharded, replicated, progress)
 
     if multihost:
         multihost_utils.sync_global_devices(f"sfpjax_sweep_chunks_{manifest['fingerprint'][:16]}")
-    if process_index == 0 and not os.path.exists(layout.results):
+    if process_index == 0 and not layout.complete():
         missing = [c for c in range(num_chunks) if not layout.done(c)]
         if not missing:
             assemble(layout, manifest)
@@ -333,7 +341,7 @@ def run_sweep(
             )
     if multihost:
         multihost_utils.sync_global_devices(f"sfpjax_sweep_table_{manifest['fingerprint'][:16]}")
-    if len(computed) == num_chunks and os.path.exists(layout.results):
+    if len(computed) == num_chunks and layout.complete():
         # Every chunk was computed here: the table is in memory, equal to what the files
         # read back as (the text round-trips exactly), so it is not parsed again.
         table = {name: np.concatenate([computed[c][i] for c in range(num_chunks)])

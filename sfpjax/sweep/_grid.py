@@ -170,3 +170,36 @@ def grid_spec(g: Grid) -> dict[str, Any]:
 def grid_from_spec(spec: Mapping[str, Any]) -> Grid:
     """The grid whose `grid_spec` is ``spec``."""
     return Grid(spec["kind"], {k: np.asarray(v, dtype=np.dtype(dt)) for k, dt, v in spec["axes"]})
+
+
+def _values_text(v: np.ndarray, limit: int = 8) -> str:
+    items = v.tolist()
+    shown = ", ".join(map(repr, items[:limit]))
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} values)"
+
+
+def grid_differences(recorded: Grid, given: Grid) -> list[str]:
+    """How ``given`` differs from ``recorded``, one line per difference, with the values.
+
+    Used where a sweep folder holds another grid than the one passed, so the message shows
+    what differs (kind, axis names and order, dtypes, lengths, the first differing values)
+    rather than two descriptions that can read the same.
+    """
+    out = []
+    if recorded.kind != given.kind:
+        out.append(f"grid kind: recorded {recorded.kind!r}, given {given.kind!r}")
+    if recorded.names != given.names:
+        out.append(f"grid axes: recorded {list(recorded.names)}, given {list(given.names)}")
+    for name in (n for n in recorded.names if n in given.values):
+        a, b = recorded.values[name], given.values[name]
+        if a.dtype != b.dtype:
+            out.append(f"axis {name!r} dtype: recorded {a.dtype}, given {b.dtype}")
+        if a.shape != b.shape:
+            out.append(f"axis {name!r}: recorded {_values_text(a)}, given {_values_text(b)}")
+            continue
+        differ = np.flatnonzero(a != b)
+        if differ.size:
+            pairs = "; ".join(f"[{i}] recorded {a[i].item()!r}, given {b[i].item()!r}" for i in differ[:5])
+            more = f" (and {differ.size - 5} more)" if differ.size > 5 else ""
+            out.append(f"axis {name!r} differs at {differ.size} of {a.size} values: {pairs}{more}")
+    return out

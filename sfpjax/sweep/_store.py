@@ -2,14 +2,25 @@
 
 Layout of a sweep folder ``out_dir``::
 
-    manifest.json            grid, key, chunk size, metric shapes, fingerprint
-    chunks/chunk_000000.csv  one row per point of chunk 0: index, parameters, scalar metrics
-    chunks/chunk_000000.npz  array metrics of chunk 0 (only if fn returns any)
-    results.csv              all rows in grid order, written once every chunk is done
+    manifest.json               grid, key, chunk size, metric shapes, fingerprint
+    chunks/chunk_000000.csv     one row per point of chunk 0: index, parameters, scalar metrics
+    chunks/chunk_000000.npz     array metrics of chunk 0 (only if fn returns any)
+    chunks/chunk_000000.sha256  SHA-256 of the chunk's .csv and .npz; written last, it marks
+                                the chunk as finished
+    results.csv                 all rows in grid order, written once every chunk is done
+    results.sha256              SHA-256 of results.csv; written last, it marks the sweep done
 
 Every file is written atomically (`sfpjax._io.atomic_write`), so a crash never leaves a
-partial file under its final name. Table values are written as the shortest text that
-reads back to the same number, so a table read back equals the one written.
+partial file under its final name. The ``.sha256`` files have the format ``sha256sum``
+writes (``cd chunks && sha256sum -c chunk_000000.sha256`` checks a chunk by hand); every
+read of a table or an array file verifies it against them first, so a damaged file is
+named instead of read as data. The manifest records that its folder is checksummed
+(``"checksums": "sha256"``, version 2); version-1 folders, written before checksums
+existed, load and resume without them. Each chunk keeps its own checksum file rather than
+an entry in the manifest because chunks are finished by many processes at once in a
+multi-host sweep, and a shared manifest rewritten after every chunk would race and grow
+quadratically. Table values are written as the shortest text that reads back to the same
+number, so a table read back equals the one written.
 """
 
 from __future__ import annotations
@@ -23,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write, key_parts, sha256_json
-from ._grid import INDEX, Grid, grid_from_spec
+from .._io import atomic_write, key_parts, sha256_bytes, sha256_json
+from ._grid import INDEX, Grid, grid_differences, grid_from_spec
 
 __all__ = ["SweepResult", "load_sweep"]
 
 FORMAT = "sfpjax-sweep"
-VERSION = 1
+VERSION = 2
 _TABLE_KINDS = "biuf"
 _RECOMPUTE = (
     "delete it (and results.csv, if the damaged file is a chunk) and run the sweep again to "
@@ -40,8 +51,9 @@ _RECOMPUTE = (
 class _ChunkedArrays(Mapping):
     """Array metrics, merged in grid order from the per-chunk ``.npz`` files on first access."""
 
-    def __init__(self, chunk_files: Sequence[str], specs: Mapping[str, Mapping[str, Any]]):
-        self._files = list(chunk_files)
+    def __init__(self, layout: Layout, chunks: Sequence[int], specs: Mapping[str, Mapping[str, Any]]):
+        self._layout = layout
+        self._chunks = list(chunks)
         self._specs = dict(specs)
         self._loaded: dict[str, np.ndarray] = {}
 
@@ -51,9 +63,17 @@ class _ChunkedArrays(Mapping):
         if name not in self._loaded:
             spec = self._specs[name]
             parts = []
-            for f in self._files:
-                with np.load(f) as z:
-                    parts.append(z[name])
+            for c in self._chunks:
+                path = self._layout.chunk_npz(c)
+                data = read_checked(self._layout, path, c)
+                try:
+                    with np.load(io.BytesIO(data)) as z:
+                        parts.append(z[name])
+                except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged file
+                    raise ValueError(
+                        f"{path!r} cannot be read as the arrays of this sweep ({type(e).__name__}: {e}); "
+                        f"the file is damaged: {self._layout.recompute(c)}"
+                    ) from e
             empty = np.zeros((0, *spec["shape"]), np.dtype(spec["dtype"]))
             self._loaded[name] = np.concatenate(parts, axis=0) if parts else empty
         return self._loaded[name]
@@ -85,7 +105,8 @@ class SweepResult:
     path: str
     grid: Grid
     table: dict[str, np.ndarray]
-    arrays: Mapping[str, np.ndarray]
+    # Values are read from disk on first access; a runtime type check must not trigger that.
+    arrays: Mapping[str, Any]
     complete: bool
     chunk_size: int
 
@@ -125,12 +146,14 @@ def csv_text(header: Sequence[str], columns: Sequence[np.ndarray]) -> str:
     return "\n".join([",".join(header), *rows]) + "\n"
 
 
-def _read_csv(path: str, columns: Sequence[str], num_rows: int) -> list[list[str]]:
-    """The rows of a table file, checked against the header and row count it must have."""
+def _read_csv(
+    layout: Layout, path: str, columns: Sequence[str], num_rows: int, c: int | None
+) -> list[list[str]]:
+    """The rows of a table file (chunk ``c``, or results.csv for ``None``), checked against
+    its checksum, the header and the row count it must have."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = read_checked(layout, path, c).decode().splitlines()
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path!r} cannot be read ({e}); {_RECOMPUTE}") from e
     if not lines or lines[0] != ",".join(columns):
         raise ValueError(
@@ -149,12 +172,20 @@ def _read_csv(path: str, columns: Sequence[str], num_rows: int) -> list[list[str
 
 
 class Layout:
-    def __init__(self, out_dir: str, num_chunks: int):
+    """The paths of a sweep folder; ``checksummed`` is false for version-1 folders."""
+
+    def __init__(self, out_dir: str, num_chunks: int, checksummed: bool = True):
         self.root = out_dir
         self.chunks = os.path.join(out_dir, "chunks")
         self.manifest = os.path.join(out_dir, "manifest.json")
         self.results = os.path.join(out_dir, "results.csv")
+        self.results_sums = os.path.join(out_dir, "results.sha256")
         self.num_chunks = num_chunks
+        self.checksummed = checksummed
+
+    @classmethod
+    def of(cls, out_dir: str, manifest: Mapping[str, Any]) -> Layout:
+        return cls(out_dir, manifest["num_chunks"], manifest.get("checksums") == "sha256")
 
     def chunk_csv(self, c: int) -> str:
         return os.path.join(self.chunks, f"chunk_{c:06d}.csv")
@@ -162,9 +193,77 @@ class Layout:
     def chunk_npz(self, c: int) -> str:
         return os.path.join(self.chunks, f"chunk_{c:06d}.npz")
 
+    def chunk_sums(self, c: int) -> str:
+        return os.path.join(self.chunks, f"chunk_{c:06d}.sha256")
+
+    def sums(self, c: int | None) -> str:
+        return self.results_sums if c is None else self.chunk_sums(c)
+
     def done(self, c: int) -> bool:
-        # The CSV is written after the .npz, so its presence means the chunk is complete.
-        return os.path.exists(self.chunk_csv(c))
+        # The checksums are written after the .npz and the .csv, so their presence means the
+        # chunk is complete; a deleted .csv makes the chunk count as not done.
+        if not self.checksummed:
+            return os.path.exists(self.chunk_csv(c))
+        return os.path.exists(self.chunk_sums(c)) and os.path.exists(self.chunk_csv(c))
+
+    def complete(self) -> bool:
+        if not self.checksummed:
+            return os.path.exists(self.results)
+        return os.path.exists(self.results_sums) and os.path.exists(self.results)
+
+    def recompute(self, c: int | None) -> str:
+        """How to recompute chunk ``c`` (``None``: results.csv) after a damaged file."""
+        if c is None:
+            return (
+                f"delete {self.results!r} and run the sweep again (same fn, grid and key): "
+                "results.csv is rebuilt from the chunk files."
+            )
+        stem = os.path.join(self.chunks, f"chunk_{c:06d}")
+        return (
+            f"delete {stem}.* (and results.csv, if present) and run the sweep again (same fn, "
+            "grid and key): only the missing chunks are recomputed."
+        )
+
+
+def _sums_text(files: Mapping[str, bytes]) -> bytes:
+    return "".join(f"{sha256_bytes(data)}  {name}\n" for name, data in files.items()).encode()
+
+
+def read_checked(layout: Layout, path: str, c: int | None) -> bytes:
+    """The bytes of ``path``, a file of chunk ``c`` (``None``: results.csv), verified against
+    the SHA-256 recorded for it when it was written."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{path!r} cannot be read ({e}); {layout.recompute(c)}") from e
+    if not layout.checksummed:
+        return data
+    sums_path = layout.sums(c)
+    name = os.path.basename(path)
+    try:
+        with open(sums_path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"the checksum file {sums_path!r} cannot be read ({e}); {layout.recompute(c)}") from e
+    recorded = {}
+    for line in lines:
+        digest, sep, file = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ValueError(
+                f"the checksum file {sums_path!r} is damaged (line {line[:80]!r} is not "
+                f"'<sha256>  <file>'): {layout.recompute(c)}"
+            )
+        recorded[file] = digest
+    if name not in recorded:
+        raise ValueError(f"the checksum file {sums_path!r} has no entry for {name}; it is damaged: {layout.recompute(c)}")
+    if sha256_bytes(data) != recorded[name]:
+        raise ValueError(
+            f"{path!r} does not match the SHA-256 recorded in {sums_path!r} when it was written: the "
+            f"file is damaged (check by hand with `cd {os.path.dirname(path) or '.'} && sha256sum -c "
+            f"{os.path.basename(sums_path)}`). To recompute it, {layout.recompute(c)}"
+        )
+    return data
 
 
 
@@ -179,30 +278,66 @@ def fingerprint(grid_spec: Mapping[str, Any], key_spec: Any) -> str:
     return sha256_json({"grid": grid_spec, "key": key_spec})
 
 
+_MANIFEST_KEYS = ("fingerprint", "grid", "key", "num_points", "metrics", "columns", "chunk_size", "num_chunks")
+
+
 def read_manifest(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
+    """The manifest at ``path``, or a ``ValueError`` that names the file and the way out."""
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"the sweep manifest {path!r} cannot be read ({type(e).__name__}: {e}); it is damaged. "
+            "It records the sweep's grid, key and chunk layout: restore it from a copy, or delete "
+            "it and run the sweep again with the same fn, grid, key and chunk_size as the original "
+            "call (finished chunks are verified against their checksums and kept); if those are "
+            "unknown, delete the whole folder and run the sweep again."
+        ) from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not an sfpjax sweep manifest.")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(
+            f"the sweep manifest {path!r} lacks the fields {missing}; it is damaged: restore it "
+            "from a copy, or delete it and run the sweep again with the original arguments."
+        )
     return manifest
 
 
 def check_manifest(old: Mapping[str, Any], new: Mapping[str, Any], out_dir: str) -> None:
     if old["fingerprint"] != new["fingerprint"]:
-        what = []
+        what, details = [], []
         if old["grid"] != new["grid"]:
-            what.append(f"grid (recorded: {grid_from_spec(old['grid'])}, given: {grid_from_spec(new['grid'])})")
+            what.append("grid")
+            details += grid_differences(grid_from_spec(old["grid"]), grid_from_spec(new["grid"]))
         if old["key"] != new["key"]:
-            what.append(f"key (recorded: {old['key']}, given: {new['key']})")
+            what.append("key")
+            details.append(f"key: recorded {_key_text(old['key'])}, given {_key_text(new['key'])}")
         raise ValueError(
             f"out_dir {out_dir!r} holds a different sweep: its {' and '.join(what) or 'config'} "
-            "differs from this call. Use a new out_dir, or pass the same grid and key to resume."
+            "differs from this call:\n  " + "\n  ".join(details or ["(fingerprint differs)"])
+            + "\nUse a new out_dir, or pass the same grid and key to resume."
         )
     if old["metrics"] != new["metrics"]:
+        names = sorted(set(old["metrics"]) | set(new["metrics"]))
+        diff = [
+            f"{k}: recorded {_metric_text(old['metrics'].get(k))}, fn returns {_metric_text(new['metrics'].get(k))}"
+            for k in names
+            if old["metrics"].get(k) != new["metrics"].get(k)
+        ]
         raise ValueError(
-            f"out_dir {out_dir!r} holds a sweep whose metrics were {old['metrics']}, but fn now "
-            f"returns {new['metrics']}. Use a new out_dir for a changed fn."
+            f"out_dir {out_dir!r} holds a sweep whose metrics were different:\n  " + "\n  ".join(diff)
+            + "\nUse a new out_dir for a changed fn."
         )
+
+
+def _key_text(spec: Mapping[str, Any] | None) -> str:
+    return "no key" if spec is None else f"{spec['impl']} key with data {spec['data']}"
+
+
+def _metric_text(spec: Mapping[str, Any] | None) -> str:
+    return "nothing" if spec is None else f"shape {tuple(spec['shape'])} dtype {np.dtype(spec['dtype'])}"
 
 
 def is_table_metric(spec: Mapping[str, Any]) -> bool:
@@ -217,11 +352,24 @@ def write_chunk(
     columns: Sequence[np.ndarray],
     arrays: Mapping[str, np.ndarray],
 ) -> None:
+    files = {}
     if arrays:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write(layout.chunk_npz(c), buf.getvalue())
-    atomic_write(layout.chunk_csv(c), csv_text(header, columns).encode())
+        files[os.path.basename(layout.chunk_npz(c))] = buf.getvalue()
+        atomic_write(layout.chunk_npz(c), files[os.path.basename(layout.chunk_npz(c))])
+    text = csv_text(header, columns).encode()
+    files[os.path.basename(layout.chunk_csv(c))] = text
+    atomic_write(layout.chunk_csv(c), text)
+    if layout.checksummed:
+        atomic_write(layout.chunk_sums(c), _sums_text(files))
+
+
+def verify_chunk(layout: Layout, c: int, with_arrays: bool) -> None:
+    """Check a finished chunk's files against their checksums (raises ``ValueError``)."""
+    read_checked(layout, layout.chunk_csv(c), c)
+    if with_arrays:
+        read_checked(layout, layout.chunk_npz(c), c)
 
 
 def _chunk_rows(manifest: Mapping[str, Any], c: int) -> int:
@@ -234,32 +382,34 @@ def assemble(layout: Layout, manifest: Mapping[str, Any]) -> None:
     pieces = [header]
     for c in range(layout.num_chunks):
         path = layout.chunk_csv(c)
-        with open(path) as f:
-            text = f.read()
+        text = read_checked(layout, path, c).decode()
         # The rows are copied byte for byte, after a check that the chunk is whole.
         if not text.startswith(header) or text.count("\n") != _chunk_rows(manifest, c) + 1:
             raise ValueError(f"{path!r} is not a whole chunk of this sweep; the file is damaged: {_RECOMPUTE}")
         pieces.append(text[len(header):])
-    atomic_write(layout.results, "".join(pieces).encode())
+    data = "".join(pieces).encode()
+    atomic_write(layout.results, data)
+    if layout.checksummed:
+        atomic_write(layout.results_sums, _sums_text({os.path.basename(layout.results): data}))
 
 
 def load_folder(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.ndarray] | None = None) -> SweepResult:
     """The sweep in ``out_dir``; ``table``, when given, is its whole table, already in memory."""
     g = grid_from_spec(manifest["grid"])
-    layout = Layout(out_dir, manifest["num_chunks"])
+    layout = Layout.of(out_dir, manifest)
     specs = manifest["metrics"]
-    complete = os.path.exists(layout.results)
+    complete = layout.complete()
     header = manifest["columns"]
     if table is not None:
         finished = list(range(layout.num_chunks))
     elif complete:
         finished = list(range(layout.num_chunks))
-        rows = _read_csv(layout.results, header, manifest["num_points"])
+        rows = _read_csv(layout, layout.results, header, manifest["num_points"], None)
     else:
         finished = [c for c in range(layout.num_chunks) if layout.done(c)]
         rows = []
         for c in finished:
-            rows.extend(_read_csv(layout.chunk_csv(c), header, _chunk_rows(manifest, c)))
+            rows.extend(_read_csv(layout, layout.chunk_csv(c), header, _chunk_rows(manifest, c), c))
     if table is None:
         dtypes = {INDEX: np.dtype(np.int64)}
         dtypes.update({k: v.dtype for k, v in g.values.items()})
@@ -274,12 +424,11 @@ def load_folder(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.n
                 "sweep again to recompute them."
             ) from e
     array_specs = {k: s for k, s in specs.items() if not is_table_metric(s)}
-    npz = [layout.chunk_npz(c) for c in finished] if array_specs else []
     return SweepResult(
         path=out_dir,
         grid=g,
         table=table,
-        arrays=_ChunkedArrays(npz, array_specs),
+        arrays=_ChunkedArrays(layout, finished if array_specs else [], array_specs),
         complete=complete,
         chunk_size=manifest["chunk_size"],
     )
