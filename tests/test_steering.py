@@ -68,6 +68,42 @@ def test_constructors_reject_bad_inputs():
 # --- sweeps ---------------------------------------------------------------------------------
 
 
+def test_vector_of_the_wrong_width_is_named_not_broadcast(getkey):
+    model, cfg = _model(getkey())
+    tokens = jnp.array([0, 1, 2])
+    for width in (1, cfg.d_model - 1):
+        for iv in (sfpjax.steer_add(jnp.ones(width)), sfpjax.steer_ablate(jnp.ones(width)),
+                   sfpjax.steer_set_projection(jnp.ones(width), 1.0)):
+            with pytest.raises(ValueError, match=rf"width {width}, but .* width {cfg.d_model}"):
+                model(tokens, interventions={SITE: iv})
+            with pytest.raises(ValueError, match=rf"width {width}"):
+                jax.jit(lambda t, iv=iv: model(t, interventions={SITE: iv}))(tokens)
+    per_position = sfpjax.steer_add(jnp.ones((2, cfg.d_model)))
+    with pytest.raises(ValueError, match="2 rows, but the activation has 3 positions"):
+        model(tokens, interventions={SITE: per_position})
+
+
+def test_nan_vector_is_refused_before_it_makes_nan_logits(getkey):
+    model, cfg = _model(getkey())
+    # The centroid of an empty class: what a mean over zero rows gives.
+    empty = np.full((cfg.d_model,), np.nan, np.float32)
+    for build in (sfpjax.steer_add, sfpjax.steer_ablate, lambda v: sfpjax.steer_set_projection(v, 0.0)):
+        with pytest.raises(ValueError, match=r"16 non-finite entries .*FactorCentroids.classes"):
+            build(empty)
+    tokens = jnp.zeros((3, 6), jnp.int32)
+    vectors = np.zeros((3, cfg.d_model), np.float32)
+    vectors[1, 4] = np.inf
+    with pytest.raises(ValueError, match=r"vectors has 1 non-finite entries .*\(rows \[1\]\)"):
+        sfpjax.steering_sweep(model, tokens, SITE, vectors, jnp.ones(2))
+    # Traced vectors (a vmap or jit over them) are checked when applied.
+    def logits(v):
+        return model(tokens[0], interventions={SITE: sfpjax.Intervention(sfpjax.add_vector, {"vector": v, "scale": 1.0})})
+
+    with pytest.raises(Exception, match="steering vector is not finite"):
+        jax.block_until_ready(jax.jit(logits)(jnp.asarray(empty)))
+    assert np.isfinite(np.asarray(jax.jit(logits)(jnp.ones(cfg.d_model)))).all()
+
+
 def test_vmapped_sweep_equals_python_loop(getkey):
     model, cfg = _model(getkey())
     tokens = jr.randint(getkey(), (5, 6), 0, 4)
