@@ -38,3 +38,9 @@ from ._steering_metrics import sector_token_classes as sector_token_classes
 from ._steering_metrics import specificity_ratio as specificity_ratio
 from ._steering_metrics import steering_kls as steering_kls
 from ._steering_metrics import token_class_masses as token_class_masses
+from ._steering_methods import STEERING_METHODS as STEERING_METHODS
+from ._steering_methods import SteeringMethod as SteeringMethod
+from ._steering_methods import belief_sector as belief_sector
+from ._steering_methods import factor_swap_symmetric as factor_swap_symmetric
+from ._steering_methods import steering_vectors as steering_vectors
+from ._steering_methods import synchronized_classes as synchronized_classes
