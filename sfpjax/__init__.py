@@ -168,6 +168,12 @@ from .analysis import steering_sweep as steering_sweep
 from .analysis import SteeringKLs as SteeringKLs
 from .analysis import SteeringSweep as SteeringSweep
 from .analysis import evaluate_steering as evaluate_steering
+from .analysis import STEERING_METHODS as STEERING_METHODS
+from .analysis import SteeringMethod as SteeringMethod
+from .analysis import belief_sector as belief_sector
+from .analysis import factor_swap_symmetric as factor_swap_symmetric
+from .analysis import steering_vectors as steering_vectors
+from .analysis import synchronized_classes as synchronized_classes
 from .analysis import factor_token_marginals as factor_token_marginals
 from .analysis import kl_divergence as kl_divergence
 from .analysis import sector_token_classes as sector_token_classes

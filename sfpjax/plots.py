@@ -18,7 +18,7 @@ from jaxtyping import ArrayLike, Float, Real
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_belief_simplex", "plot_lines", "plot_loss_curve"]
+__all__ = ["plot_belief_simplex", "plot_lines", "plot_loss_curve", "plot_panels", "series_colors"]
 
 _SQRT3_2 = math.sqrt(3.0) / 2.0
 
@@ -234,6 +234,110 @@ def plot_lines(
     ax.legend()
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+# Colour-blind-safe qualitative palette (Okabe and Ito), then tab10's remaining hues.
+_PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000",
+            "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def series_colors(names: Sequence[str]) -> dict[str, str]:
+    """One distinct colour per name, in order, for use across several figures.
+
+    Pass the same mapping to every figure of a report (``plot_panels(..., colors=...)``),
+    so that a method has the same colour everywhere.
+
+    >>> import sfpjax.plots
+    >>> c = sfpjax.plots.series_colors(["centroid", "diff-means"])
+    >>> c["centroid"] != c["diff-means"]
+    True
+    """
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"series_colors: names must be distinct, got {names}.")
+    if len(names) > len(_PALETTE):
+        raise ValueError(f"series_colors: at most {len(_PALETTE)} distinct colours, got {len(names)} names.")
+    return dict(zip(names, _PALETTE))
+
+
+def plot_panels(
+    x: Real[ArrayLike, " n"] | Sequence[float | int],
+    panels: Mapping[str, Mapping[str, Float[ArrayLike, " _n"] | Sequence[float | int]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    *,
+    colors: Mapping[str, str] | None = None,
+    logy: bool = False,
+    title: str | None = None,
+    ncols: int = 3,
+) -> Path:
+    """Small multiples: one panel per entry of ``panels`` (e.g. one per steering method).
+
+    Each panel draws its series (e.g. ``"steered factor"`` and ``"other factor"``) in the
+    panel's colour, told apart by line style; the same series name has the same style in
+    every panel, and every panel shares the x and y axes, so panels compare by position.
+
+    Args:
+        x: the shared x values ``(n,)``.
+        panels: panel title -> {series name -> values ``(n,)``}.
+        colors: panel title -> colour (default `series_colors` of the panel titles); give
+            one mapping to every figure of a report to keep a colour per method.
+        logy: logarithmic y axis (values must be positive).
+        ncols: panels per row.
+
+    >>> import numpy as np, sfpjax.plots, tempfile, os
+    >>> s = np.linspace(0, 2, 5)
+    >>> p = os.path.join(tempfile.mkdtemp(), "kl.png")
+    >>> panels = {"centroid": {"steered": s**2, "other": 0.1 * s}, "diff-means": {"steered": s, "other": 0 * s}}
+    >>> sfpjax.plots.plot_panels(s, panels, p, "scale", "KL").exists()
+    True
+    """
+    fn = "plot_panels"
+    xv = _finite(x, "x", fn)
+    if xv.ndim != 1 or xv.size == 0:
+        raise ValueError(f"{fn}: x must be a non-empty 1-D array, got shape {xv.shape}.")
+    if not panels or any(not series for series in panels.values()):
+        raise ValueError(f"{fn}: panels must be a non-empty dict of non-empty dicts, panel -> series -> values.")
+    colors = dict(series_colors(list(panels)) if colors is None else colors)
+    missing = [k for k in panels if k not in colors]
+    if missing:
+        raise ValueError(f"{fn}: colors has no colour for panels {missing}.")
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    if len(names) > len(_LINESTYLES):
+        raise ValueError(f"{fn}: at most {len(_LINESTYLES)} series per panel, got {names}.")
+    style = dict(zip(names, _LINESTYLES))
+    data = {}
+    for panel, series in panels.items():
+        for name, v in series.items():
+            v = _finite(v, f"panels[{panel!r}][{name!r}]", fn)
+            if v.shape != xv.shape:
+                raise ValueError(f"{fn}: panels[{panel!r}][{name!r}] has shape {v.shape}; expected {xv.shape} like x.")
+            if logy and np.any(v <= 0):
+                raise ValueError(f"{fn}: logy=True needs positive values; panels[{panel!r}][{name!r}] has some <= 0.")
+            data[panel, name] = v
+    path = _png_path(path)
+    ncols = max(1, min(int(ncols), len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows + 0.6))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for ax, (panel, series) in zip(axes, panels.items()):
+        for name in series:
+            ax.plot(xv, data[panel, name], color=colors[panel], ls=style[name], marker="o", ms=2.5, lw=1.2, label=name)
+        ax.set_title(panel, color=colors[panel], fontsize=10)
+        if logy:
+            ax.set_yscale("log")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * ncols:]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -61,13 +61,13 @@ def main() -> None:
             chunk_size=SHARD_CHUNK, progress=False,
         )
     elif mode == "slow":
-        write = _sweep._write_chunk
+        write = _sweep.write_chunk
 
         def write_then_pause(*args, **kwargs):
             write(*args, **kwargs)
             time.sleep(0.4)
 
-        _sweep._write_chunk = write_then_pause
+        _sweep.write_chunk = write_then_pause
         sfpjax.run_sweep(
             point_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key,
             chunk_size=SLOW_CHUNK, progress=False,

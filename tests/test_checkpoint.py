@@ -2,6 +2,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -190,3 +192,46 @@ def test_keep_checkpoints_and_stack_round_trip(tmp_path):
     ck = sfpjax.restore_checkpoint(tmp_path, models, out.opt_state, CFG, tc)
     assert_trees_equal(ck.model, out.model)
     np.testing.assert_array_equal(jr.key_data(ck.key), jr.key_data(keys))
+
+
+_DAMAGED_RESTORE = """
+import pathlib, sys
+import jax.random as jr, sfpjax
+run_dir = sys.argv[1]
+model = {f"w{i}": jr.normal(jr.key(i), (20000,)) for i in range(60)}
+for step in (1, 2):
+    sfpjax.save_checkpoint(run_dir, step, model=model, opt_state=(), key=jr.key(0))
+for f in (pathlib.Path(run_dir) / "checkpoints" / "2" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d" and f.stat().st_size > 20000:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+for _ in range(4):
+    try:
+        sfpjax.restore_checkpoint(run_dir, model, ())
+    except sfpjax.CheckpointError as e:
+        print(e)
+"""
+
+
+def test_damaged_checkpoint_error_is_short_and_names_the_file(tmp_path):
+    # Orbax reads arrays concurrently and closes its event loop at the first failed read;
+    # every read still in flight then printed an "Event loop is closed" traceback.
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", _DAMAGED_RESTORE, str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Event loop is closed" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    messages = proc.stdout.strip().splitlines()
+    assert len(messages) == 4
+    assert all("checkpoint step 2" in m and "sha256sum -c files.sha256" in m and "step=1" in m for m in messages)
+    assert "/state/" in messages[0]
+
+
+def test_checkpoint_without_its_file_checksums_is_partial(full_run, tmp_path):
+    run_dir = _copy(full_run, tmp_path)
+    (run_dir / "checkpoints" / "12" / "files.sha256").unlink()
+    with pytest.raises(CheckpointError, match=r"step 12 .*files.sha256 are missing.*step=8"):
+        sfpjax.restore_checkpoint(run_dir, full_run[1].model, full_run[1].opt_state)

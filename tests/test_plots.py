@@ -84,3 +84,24 @@ def test_plot_heatmap_writes_png(tmp_path):
     assert p.exists() and p.stat().st_size > 0
     with pytest.raises(ValueError, match="2-D"):
         sfpjax.plots.plot_heatmap(np.arange(3.0), tmp_path / "bad.png")
+
+
+def test_plot_panels_small_multiples_and_shared_colours(tmp_path):
+    import sfpjax.plots as plots
+
+    x = np.linspace(0.0, 2.0, 5)
+    methods = ["centroid", "diff-means", "belief-pinv", "centroid-ln"]
+    colors = plots.series_colors(methods)
+    assert len(set(colors.values())) == len(methods)
+    assert plots.series_colors(methods) == colors  # the same mapping in every figure
+    panels = {m: {"steered": x + i + 1.0, "other": 0.1 * x + 1e-3} for i, m in enumerate(methods)}
+    p = plots.plot_panels(x, panels, tmp_path / "kl.png", "scale", "KL", colors=colors, logy=True, title="t")
+    assert p.stat().st_size > 0
+    with pytest.raises(ValueError, match="no colour for panels"):
+        plots.plot_panels(x, panels, tmp_path / "a.png", "s", "KL", colors={"centroid": "red"})
+    with pytest.raises(ValueError, match="logy=True needs positive"):
+        plots.plot_panels(x, {"a": {"s": x}}, tmp_path / "b.png", "s", "KL", logy=True)
+    with pytest.raises(ValueError, match=r"expected \(5,\)"):
+        plots.plot_panels(x, {"a": {"s": x[:3]}}, tmp_path / "c.png", "s", "KL")
+    with pytest.raises(ValueError, match="distinct"):
+        plots.series_colors(["a", "a"])

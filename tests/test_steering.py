@@ -68,6 +68,42 @@ def test_constructors_reject_bad_inputs():
 # --- sweeps ---------------------------------------------------------------------------------
 
 
+def test_vector_of_the_wrong_width_is_named_not_broadcast(getkey):
+    model, cfg = _model(getkey())
+    tokens = jnp.array([0, 1, 2])
+    for width in (1, cfg.d_model - 1):
+        for iv in (sfpjax.steer_add(jnp.ones(width)), sfpjax.steer_ablate(jnp.ones(width)),
+                   sfpjax.steer_set_projection(jnp.ones(width), 1.0)):
+            with pytest.raises(ValueError, match=rf"width {width}, but .* width {cfg.d_model}"):
+                model(tokens, interventions={SITE: iv})
+            with pytest.raises(ValueError, match=rf"width {width}"):
+                jax.jit(lambda t, iv=iv: model(t, interventions={SITE: iv}))(tokens)
+    per_position = sfpjax.steer_add(jnp.ones((2, cfg.d_model)))
+    with pytest.raises(ValueError, match="2 rows, but the activation has 3 positions"):
+        model(tokens, interventions={SITE: per_position})
+
+
+def test_nan_vector_is_refused_before_it_makes_nan_logits(getkey):
+    model, cfg = _model(getkey())
+    # The centroid of an empty class: what a mean over zero rows gives.
+    empty = np.full((cfg.d_model,), np.nan, np.float32)
+    for build in (sfpjax.steer_add, sfpjax.steer_ablate, lambda v: sfpjax.steer_set_projection(v, 0.0)):
+        with pytest.raises(ValueError, match=r"16 non-finite entries .*FactorCentroids.classes"):
+            build(empty)
+    tokens = jnp.zeros((3, 6), jnp.int32)
+    vectors = np.zeros((3, cfg.d_model), np.float32)
+    vectors[1, 4] = np.inf
+    with pytest.raises(ValueError, match=r"vectors has 1 non-finite entries .*\(rows \[1\]\)"):
+        sfpjax.steering_sweep(model, tokens, SITE, vectors, jnp.ones(2))
+    # Traced vectors (a vmap or jit over them) are checked when applied.
+    def logits(v):
+        return model(tokens[0], interventions={SITE: sfpjax.Intervention(sfpjax.add_vector, {"vector": v, "scale": 1.0})})
+
+    with pytest.raises(Exception, match="steering vector is not finite"):
+        jax.block_until_ready(jax.jit(logits)(jnp.asarray(empty)))
+    assert np.isfinite(np.asarray(jax.jit(logits)(jnp.ones(cfg.d_model)))).all()
+
+
 def test_vmapped_sweep_equals_python_loop(getkey):
     model, cfg = _model(getkey())
     tokens = jr.randint(getkey(), (5, 6), 0, 4)
@@ -311,3 +347,64 @@ def test_belief_state_delta_with_a_generative_decoder():
     assert np.all(np.linalg.norm(dx_pinv, axis=-1) <= np.linalg.norm(dx, axis=-1) + 1e-5)
     with pytest.raises(ValueError, match="decoder must map joint beliefs"):
         sfpjax.belief_state_delta(probe, x, (3, 3), 1, target, decoder=probe)
+
+
+# --- steering methods, classes and symmetries ---------------------------------------------
+
+
+def test_synchronized_classes_need_a_pure_belief_and_rows_in_both_sets():
+    beliefs = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
+    fc = sfpjax.FactorCentroids(np.zeros((4, 2)), beliefs, np.array([5.0, 5.0, 5.0, 1.0]), 0, 1e-6)
+    ev = np.array([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]] * 1 + [[0, 0.5, 0.5]] * 4 + [[0, 0, 1.0]] * 4)
+    got = sfpjax.synchronized_classes(fc, ev, 2)
+    # [0, 1, 0] has one eval row, [0, .5, .5] is not pure, [0, 0, 1] has one fitting row.
+    assert [b.tolist() for b, _ in got] == [[1.0, 0.0, 0.0]]
+    np.testing.assert_array_equal(got[0][1], np.arange(12) < 3)
+    assert len(sfpjax.synchronized_classes(fc, ev, 1)) == 3
+    with pytest.raises(ValueError, match=r"eval_marginals must have shape \(n, 3\)"):
+        sfpjax.synchronized_classes(fc, ev[:, :2], 1)
+
+
+def test_factor_swap_symmetry_and_belief_sector():
+    z = sfpjax.z1r()
+    assert sfpjax.factor_swap_symmetric(sfpjax.product(z, z), (3, 3), (2, 2))
+    assert sfpjax.factor_swap_symmetric(sfpjax.partitioned_z1r_sfp(0.5).process, (3, 3), (2, 2))
+    assert not sfpjax.factor_swap_symmetric(sfpjax.product(z, sfpjax.z1r(0.3)), (3, 3), (2, 2))
+    assert not sfpjax.factor_swap_symmetric(sfpjax.product(z, sfpjax.coin(0.5)), (3, 1), (2, 2))
+    with pytest.raises(ValueError, match="do not match"):
+        sfpjax.factor_swap_symmetric(sfpjax.product(z, z), (3, 2), (2, 2))
+    sectors = [[0], [1, 2]]
+    assert sfpjax.belief_sector([1.0, 0.0, 0.0], sectors) == 0
+    assert sfpjax.belief_sector([0.0, 0.2, 0.8], sectors) == 1
+    assert sfpjax.belief_sector([0.1, 0.9, 0.0], sectors) is None
+
+
+def test_steering_vectors_are_the_methods_own_formulas(getkey):
+    z = sfpjax.z1r()
+    joint = sfpjax.product(z, z)
+    toks = sfpjax.sample(joint, key=getkey(), batch_size=300, seq_len=6)
+    beliefs = np.asarray(sfpjax.filter_beliefs(joint, toks).beliefs[:, -1], np.float64)
+    acts = beliefs @ np.asarray(jr.normal(getkey(), (9, 8)), np.float64) + 0.01 * np.asarray(jr.normal(getkey(), (300, 8)))
+    ln_acts = acts[:, :5]
+    fc = sfpjax.factor_centroids(acts, beliefs, (3, 3), 1)
+    fc_ln = sfpjax.factor_centroids(ln_acts, beliefs, (3, 3), 1)
+    mu, _ = sfpjax.label_means(acts, np.asarray(sfpjax.decode_tokens(toks[:, -1], (2, 2))[1]), 2)
+    probe, decoder = sfpjax.fit_probe(acts, beliefs), sfpjax.fit_probe(beliefs, acts)
+    s, t = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
+    vs = sfpjax.steering_vectors(1, s, t, factor_process=z, centroids=fc, ln_centroids=fc_ln, label_means=mu,
+                                 joint_probe=probe, decoder=decoder, acts=acts, factor_dims=(3, 3))
+    assert list(vs) == list(sfpjax.STEERING_METHODS)
+    assert {m.site for m in sfpjax.STEERING_METHODS.values()} == {"resid", "ln_final"}
+    assert [k for k, m in sfpjax.STEERING_METHODS.items() if m.preserve_norm] == ["centroid-norm"]
+    np.testing.assert_allclose(vs["centroid"], np.broadcast_to(sfpjax.centroid_vector(fc, s, t), (300, 8)), rtol=1e-6)
+    np.testing.assert_array_equal(vs["centroid-norm"], vs["centroid"])
+    assert vs["centroid-ln"].shape == (300, 5)
+    p_s = np.asarray(sfpjax.next_token_probs(z, jnp.asarray(s, jnp.float32)), np.float64)
+    p_t = np.asarray(sfpjax.next_token_probs(z, jnp.asarray(t, jnp.float32)), np.float64)
+    np.testing.assert_allclose(vs["diff-means"][0], (p_t - p_s) @ mu, rtol=1e-5, atol=1e-6)
+    x = jnp.asarray(acts, jnp.float32)
+    np.testing.assert_allclose(vs["belief-pinv"], sfpjax.belief_state_delta(probe, x, (3, 3), 1, jnp.asarray(t, jnp.float32)),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"label_means must be \(2, 8\)"):  # one row per symbol of factor 1
+        sfpjax.steering_vectors(1, s, t, factor_process=z, centroids=fc, ln_centroids=fc_ln, label_means=np.vstack([mu, mu[:1]]),
+                                joint_probe=probe, decoder=decoder, acts=acts, factor_dims=(3, 3))

@@ -152,7 +152,7 @@ def test_crash_inside_a_chunk_then_resume_equals_uninterrupted(tmp_path):
         sfpjax.run_sweep(failing, g, out_dir=tmp_path / "r", key=KEY, chunk_size=2, progress=False)
     chunks = tmp_path / "r" / "chunks"
     finished = sorted(p.name for p in chunks.iterdir())
-    assert finished == [f"chunk_{c:06d}.{ext}" for c in range(4) for ext in ("csv", "npz")]
+    assert finished == [f"chunk_{c:06d}.{ext}" for c in range(4) for ext in ("csv", "npz", "sha256")]
     partial = sfpjax.load_sweep(tmp_path / "r")
     assert not partial.complete and len(partial) == 8 and partial.arrays["cube"].shape == (8, 4, 4)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in chunks.iterdir()}
@@ -215,13 +215,18 @@ def test_finished_sweep_reloads_without_running_fn(tmp_path):
 def test_different_sweep_in_same_folder_raises(tmp_path):
     fn = lambda p: {"y": p["x"] * 2}  # noqa: E731
     sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=KEY, chunk_size=2, progress=False)
-    with pytest.raises(ValueError, match="holds a different sweep: its grid"):
+    # Same size, one value changed: the message shows the value, not two equal summaries.
+    with pytest.raises(ValueError, match=r"(?s)its grid differs.*'x' differs at 1 of 3 values: \[1\] recorded 2\.0, given 2\.5"):
         sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.5, 3.0]), out_dir=tmp_path, key=KEY, progress=False)
-    with pytest.raises(ValueError, match="holds a different sweep: its key"):
+    with pytest.raises(ValueError, match=r"grid axes: recorded \['x'\], given \['x', 'n'\]"):
+        sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0], n=[1]), out_dir=tmp_path, key=KEY, progress=False)
+    with pytest.raises(ValueError, match=r"'x': recorded \[1\.0, 2\.0, 3\.0\] \(3 values\), given \[1\.0, 2\.0\]"):
+        sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0]), out_dir=tmp_path, key=KEY, progress=False)
+    with pytest.raises(ValueError, match=r"(?s)its key differs.*key: recorded .*data \[0, 7\], given .*data \[0, 8\]"):
         sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=jax.random.key(8), progress=False)
     with pytest.raises(ValueError, match="started with chunk_size=2"):
         sfpjax.run_sweep(fn, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=KEY, chunk_size=3, progress=False)
-    with pytest.raises(ValueError, match="metrics were"):
+    with pytest.raises(ValueError, match=r"metrics were different:\n  y: recorded shape \(\) dtype float\d+, fn returns nothing\n  z: recorded nothing"):
         sfpjax.run_sweep(
             lambda p: {"z": p["x"]}, sfpjax.grid(x=[1.0, 2.0, 3.0]), out_dir=tmp_path, key=KEY, progress=False
         )
@@ -335,7 +340,94 @@ def test_two_distributed_processes_split_chunks_and_agree(tmp_path):
     _assert_same(sfpjax.load_sweep(out), fresh)
 
 
-def test_damaged_table_files_raise_clear_errors_and_recompute_once_deleted(tmp_path):
+def _digit_changed(path):
+    text = path.read_text()
+    i = max(i for i, ch in enumerate(text) if ch.isdigit() and ch != "9")
+    path.write_text(text[:i] + str(int(text[i]) + 1) + text[i + 1:])
+
+
+def _square(p):
+    return {"y": p["x"] ** 2, "cube": jnp.stack([p["x"]] * 3)}
+
+
+def test_changed_digit_in_a_chunk_csv_is_named_and_recomputed_once_deleted(tmp_path):
+    g = sfpjax.grid(x=[1.0, 2.0, 3.0, 4.0, 5.0])
+    out = tmp_path / "s"
+    fresh = sfpjax.run_sweep(_square, g, out_dir=out, chunk_size=2, progress=False)
+    (out / "results.csv").unlink()
+    chunk = out / "chunks" / "chunk_000001.csv"
+    good = chunk.read_text()
+    _digit_changed(chunk)
+    named = r"chunk_000001\.csv' does not match the SHA-256.*sha256sum -c chunk_000001\.sha256.*chunk_000001\.\*"
+    with pytest.raises(ValueError, match=named):
+        sfpjax.load_sweep(out)
+    with pytest.raises(ValueError, match=named):  # on resume, before any result is assembled
+        sfpjax.run_sweep(_square, g, out_dir=out, progress=False)
+    assert not (out / "results.csv").exists()
+    for f in (out / "chunks").glob("chunk_000001.*"):
+        f.unlink()
+    res = sfpjax.run_sweep(_square, g, out_dir=out, progress=False)
+    assert res.complete and chunk.read_text() == good
+    _assert_same(res, fresh)
+
+
+def test_changed_digit_in_results_csv_is_named_and_rebuilt_once_deleted(tmp_path):
+    g = sfpjax.grid(x=[1.0, 2.0, 3.0])
+    out = tmp_path / "s"
+    fresh = sfpjax.run_sweep(_square, g, out_dir=out, chunk_size=2, progress=False)
+    _digit_changed(out / "results.csv")
+    with pytest.raises(ValueError, match=r"results\.csv' does not match the SHA-256.*rebuilt from the chunk"):
+        sfpjax.load_sweep(out)
+    with pytest.raises(ValueError, match=r"results\.csv' does not match the SHA-256"):
+        sfpjax.run_sweep(_square, g, out_dir=out, progress=False)
+    (out / "results.csv").unlink()
+    _assert_same(sfpjax.run_sweep(_square, g, out_dir=out, progress=False), fresh)
+
+
+def test_damaged_npz_is_named_on_load_and_on_resume(tmp_path):
+    g = sfpjax.grid(x=[1.0, 2.0, 3.0, 4.0])
+    out = tmp_path / "s"
+    fresh = sfpjax.run_sweep(_square, g, out_dir=out, chunk_size=2, progress=False)
+    npz = out / "chunks" / "chunk_000000.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    res = sfpjax.load_sweep(out)  # the table needs no array file
+    _assert_same_table = res.table["y"].tolist() == fresh.table["y"].tolist()
+    assert _assert_same_table
+    with pytest.raises(ValueError, match=r"chunk_000000\.npz' does not match the SHA-256.*chunk_000000\.\*"):
+        res.arrays["cube"]
+    (out / "results.csv").unlink()
+    with pytest.raises(ValueError, match=r"chunk_000000\.npz' does not match the SHA-256"):
+        sfpjax.run_sweep(_square, g, out_dir=out, progress=False)
+    for f in (out / "chunks").glob("chunk_000000.*"):
+        f.unlink()
+    _assert_same(sfpjax.run_sweep(_square, g, out_dir=out, progress=False), fresh)
+
+
+def test_truncated_manifest_is_named_and_rebuilt_by_the_same_call(tmp_path):
+    g = sfpjax.grid(x=[1.0, 2.0, 3.0])
+    out = tmp_path / "s"
+    fresh = sfpjax.run_sweep(_square, g, out_dir=out, chunk_size=2, progress=False)
+    manifest = out / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    for call in (lambda: sfpjax.load_sweep(out),
+                 lambda: sfpjax.run_sweep(_square, g, out_dir=out, chunk_size=2, progress=False)):
+        with pytest.raises(ValueError, match=r"manifest\.json' cannot be read \(JSONDecodeError.*same fn, grid, key and chunk_size"):
+            call()
+    manifest.unlink()
+    (out / "results.csv").unlink()
+
+    def never(p):
+        jax.debug.callback(lambda: pytest.fail("a finished chunk was recomputed"))
+        return _square(p)
+
+    _assert_same(sfpjax.run_sweep(never, g, out_dir=out, chunk_size=2, progress=False), fresh)
+
+
+def test_unchecksummed_folder_still_loads_and_names_structural_damage(tmp_path):
+    # A folder written before chunks carried checksums (manifest version 1) loads and
+    # resumes, with the structural checks as its only protection.
     g = sfpjax.grid(x=[1.0, 2.0, 3.0, 4.0, 5.0])
 
     def fn(p):
@@ -343,10 +435,16 @@ def test_damaged_table_files_raise_clear_errors_and_recompute_once_deleted(tmp_p
 
     out = tmp_path / "s"
     fresh = sfpjax.run_sweep(fn, g, out_dir=out, chunk_size=2, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["checksums"]
+    manifest["version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for f in [*(out / "chunks").glob("*.sha256"), out / "results.sha256", out / "results.csv"]:
+        f.unlink()
+    _assert_same(sfpjax.load_sweep(out), fresh)
     chunk = out / "chunks" / "chunk_000001.csv"
     good = chunk.read_text()
     lines = good.splitlines()
-    (out / "results.csv").unlink()
 
     chunk.write_text("\n".join(lines[:-1]) + "\n")  # a lost row
     with pytest.raises(ValueError, match=r"chunk_000001\.csv' has 1 rows, expected 2.*delete it"):
@@ -366,14 +464,10 @@ def test_damaged_table_files_raise_clear_errors_and_recompute_once_deleted(tmp_p
     with pytest.raises(ValueError, match="does not start with the header 'index,x,y'"):
         sfpjax.load_sweep(out)
 
-    results = out / "results.csv"
     chunk.unlink()
     res = sfpjax.run_sweep(fn, g, out_dir=out, progress=False)
     assert res.complete and chunk.read_text() == good
     _assert_same(res, fresh)
-    results.write_text(results.read_text()[:-8])  # the last row cut short
-    with pytest.raises(ValueError, match=r"results\.csv'.*delete it"):
-        sfpjax.load_sweep(out)
 
 
 @pytest.mark.parametrize("x64", [True, False])

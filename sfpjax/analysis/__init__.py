@@ -99,3 +99,9 @@ from ._composition import TiltFit as TiltFit
 from ._composition import compare_probes as compare_probes
 from ._composition import heldout_r2 as heldout_r2
 from ._composition import reweighting_residual as reweighting_residual
+from ._steering_methods import STEERING_METHODS as STEERING_METHODS
+from ._steering_methods import SteeringMethod as SteeringMethod
+from ._steering_methods import belief_sector as belief_sector
+from ._steering_methods import factor_swap_symmetric as factor_swap_symmetric
+from ._steering_methods import steering_vectors as steering_vectors
+from ._steering_methods import synchronized_classes as synchronized_classes

@@ -74,20 +74,39 @@ def _finish(activation, new, position_mask, preserve_norm):
     return out.astype(activation.dtype)
 
 
-def _vector_rows(v, activation):
+_NONFINITE_HINT = (
+    "a centroid or mean over a class with no rows is NaN: keep only classes with rows "
+    "(FactorCentroids.classes(min_count=1), the counts of label_means)"
+)
+
+
+def _vector_rows(v, activation, name):
     v = jnp.asarray(v, activation.dtype)
+    seq, d = activation.shape[-2:]
+    if v.shape[-1] != d:
+        raise ValueError(
+            f"the steering {name} has width {v.shape[-1]}, but the activation it is added to has "
+            f"width {d} (the site's d_model); pass a {name} of shape ({d},) or ({seq}, {d}). A width-1 "
+            f"{name} is not broadcast over the residual stream."
+        )
+    if v.ndim == 2 and v.shape[0] != seq:
+        raise ValueError(
+            f"the steering {name} has one row per position, {v.shape[0]} rows, but the activation has "
+            f"{seq} positions; pass ({seq}, {d}) or one shared ({d},) {name}."
+        )
+    v = eqx.error_if(v, ~jnp.all(jnp.isfinite(v)), f"the steering {name} is not finite (NaN or inf); {_NONFINITE_HINT}.")
     return v[None, :] if v.ndim == 1 else v
 
 
 def _unit(direction, activation):
-    u = _vector_rows(direction, activation)
+    u = _vector_rows(direction, activation, "direction")
     n = jnp.linalg.norm(u, axis=-1, keepdims=True)
     return u / jnp.where(n > 0, n, 1.0)
 
 
 def _add(activation, position_mask, params, preserve_norm):
     scale = jnp.asarray(params["scale"], activation.dtype)
-    new = activation + scale * _vector_rows(params["vector"], activation)
+    new = activation + scale * _vector_rows(params["vector"], activation, "vector")
     return _finish(activation, new, position_mask, preserve_norm)
 
 
@@ -149,13 +168,27 @@ def set_projection_preserve_norm(activation: Array, position_mask: Array, params
     return _set_proj(activation, position_mask, params, True)
 
 
-def _check_vector(name, v, d=None):
+def _check_finite(name, v):
+    # Concrete vectors are checked here, with a ValueError; traced ones by error_if when applied.
+    if not isinstance(v, jax.core.Tracer):
+        bad = ~np.isfinite(np.asarray(v))
+        if bad.any():
+            rows = sorted({int(i) for i in np.argwhere(bad)[:, 0]}) if v.ndim == 2 else None
+            where = f" (rows {rows[:8]})" if rows is not None else ""
+            raise ValueError(
+                f"{name} has {int(bad.sum())} non-finite entries (NaN or inf){where}; steering with it "
+                f"makes every logit NaN. {_NONFINITE_HINT[0].upper()}{_NONFINITE_HINT[1:]}."
+            )
+
+
+def _check_vector(name, v):
     v = jnp.asarray(v)
     if v.ndim not in (1, 2) or not jnp.issubdtype(v.dtype, jnp.floating):
         raise ValueError(
             f"{name} must be a float array of shape (d_model,) or (seq, d_model), got "
             f"{v.dtype}{list(v.shape)}."
         )
+    _check_finite(name, v)
     return v
 
 
@@ -326,6 +359,7 @@ def steering_sweep(
             f"vectors must have shape ({d},) (shared) or ({tokens.shape[0]}, {d}) (one per sequence), "
             f"got {vectors.shape}."
         )
+    _check_finite("vectors", vectors)
     if scales.ndim != 1:
         raise ValueError(f"scales must be a 1-D array, got shape {scales.shape}.")
     if site not in model.site_names:

@@ -46,6 +46,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ..processes._ghmm import GHMM
+from ._steering import steering_sweep
 
 __all__ = [
     "factor_token_marginals",
@@ -369,8 +370,6 @@ def evaluate_steering(
     >>> [round(float(v), 6) for v in out.kl_steered]
     [0.0, 0.0]
     """
-    from ._steering import steering_sweep
-
     scales = jnp.asarray(scales, jnp.float32)
     sizes = _check_vocab(vocab_sizes, model.config.vocab_size)
     n = jnp.asarray(tokens).shape[0]

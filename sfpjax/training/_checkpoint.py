@@ -7,12 +7,20 @@ when complete, so a crash mid-write leaves the previous checkpoints untouched an
 partial one invisible. On restore the checksums are verified, so a truncated or
 bit-flipped file is reported (with the step and the earlier steps to fall back to)
 instead of silently loading wrong parameters. An existing step is never overwritten.
+
+Once Orbax has finished a step, ``<step>/files.sha256`` records the SHA-256 of every file
+in it (the format ``sha256sum`` writes, so ``cd <step> && sha256sum -c files.sha256``
+checks a step by hand). Restoring verifies these files before Orbax reads any array:
+Orbax reads arrays concurrently on an event loop that it closes as soon as one read
+fails, and the reads still in flight then each print an "Event loop is closed"
+traceback, hundreds of them for a large model. A damaged file is found before that
+happens, and the error names it. A step without ``files.sha256`` was interrupted after
+Orbax committed it and is reported as partial.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import Array, Key, PRNGKeyArray, PyTree, UInt32
 
+from .._io import atomic_write, key_from_parts, key_parts, sha256_arrays, sha256_file
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -33,7 +43,10 @@ __all__ = [
     "save_checkpoint",
 ]
 
-_FORMAT = 1
+_FORMAT = 2
+# Format 1 checkpoints (before files.sha256 existed) still restore, without the file check.
+_READABLE_FORMATS = (1, 2)
+_FILES = "files.sha256"
 
 
 class CheckpointError(ValueError):
@@ -74,18 +87,32 @@ def _arrays(tree) -> list:
     return jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
 
 
-def _key_parts(key) -> tuple[np.ndarray, str | None]:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key)), str(jax.random.key_impl(key))
-    return np.asarray(key), None
+def _file_sums(step_dir: Path) -> str:
+    lines = [
+        f"{sha256_file(p)}  {p.relative_to(step_dir).as_posix()}\n"
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and p.name != _FILES
+    ]
+    return "".join(lines)
 
 
-def _checksum(leaves: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for leaf in leaves:
-        h.update(str((leaf.shape, leaf.dtype.str)).encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
+def _verify_files(step_dir: Path) -> str | None:
+    """Why the files of ``step_dir`` fail their recorded SHA-256, or ``None`` if they pass."""
+    check = f"check by hand with `cd {step_dir} && sha256sum -c {_FILES}`"
+    try:
+        lines = (step_dir / _FILES).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"its file checksums {step_dir / _FILES} cannot be read ({type(e).__name__})"
+    for n, line in enumerate(lines, 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name:
+            return f"line {n} of {step_dir / _FILES} is not '<sha256>  <file>'"
+        path = step_dir / name
+        if not path.is_file():
+            return f"its file {path} is missing"
+        if sha256_file(path) != digest:
+            return f"its file {path} does not match the SHA-256 recorded when it was written ({check})"
+    return None
 
 
 def save_checkpoint(
@@ -139,7 +166,7 @@ def save_checkpoint(
             )
         model_leaves = [np.asarray(x) for x in _arrays(model)]
         opt_leaves = [np.asarray(x) for x in _arrays(opt_state)]
-        key_data, key_impl = _key_parts(key)
+        key_data, key_impl = key_parts(key)
         state = {"model": model_leaves, "opt_state": opt_leaves, "key": key_data}
         meta = {
             "format": _FORMAT,
@@ -148,9 +175,9 @@ def save_checkpoint(
             "model_config": _config_dict(model_config),
             "train_config": _config_dict(train_config),
             "checksums": {
-                "model": _checksum(model_leaves),
-                "opt_state": _checksum(opt_leaves),
-                "key": _checksum([key_data]),
+                "model": sha256_arrays(model_leaves),
+                "opt_state": sha256_arrays(opt_leaves),
+                "key": sha256_arrays([key_data]),
             },
             "extra": extra or {},
         }
@@ -160,10 +187,12 @@ def save_checkpoint(
             force=True,
         )
         mngr.wait_until_finished()
+        step_dir = _ckpt_dir(run_dir) / str(step)
+        atomic_write(step_dir / _FILES, _file_sums(step_dir).encode())
     finally:
         if _manager_ is None:
             mngr.close()
-    return _ckpt_dir(run_dir) / str(step)
+    return step_dir
 
 
 def _steps(run_dir) -> list[int]:
@@ -284,14 +313,22 @@ def restore_checkpoint(
             f"checkpoint step {step} in {_ckpt_dir(run_dir)} is partial or corrupted: {reason}.{hint}"
         )
 
+    step_dir = _ckpt_dir(run_dir) / str(step)
+    if (step_dir / _FILES).exists():
+        # Before any Orbax read: see the module docstring for why.
+        problem = _verify_files(step_dir)
+        if problem is not None:
+            raise corrupted(problem)
     mngr = _manager(run_dir, create=False)
     try:
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
             raise corrupted(f"its record could not be read ({type(e).__name__}: {str(e)[:200]})") from e
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "checksums" not in meta:
+        if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS or "checksums" not in meta:
             raise corrupted("its record is not an sfpjax checkpoint record")
+        if meta["format"] >= 2 and not (step_dir / _FILES).exists():
+            raise corrupted(f"its file checksums {step_dir / _FILES} are missing (the write was interrupted)")
 
         problems = _mismatches(meta.get("model_config"), _config_dict(model_config), "model_config")
         problems += _mismatches(
@@ -335,7 +372,7 @@ def restore_checkpoint(
     key_data = np.asarray(state["key"])
     sums = meta["checksums"]
     for what, leaves in (("model", host["model"]), ("opt_state", host["opt_state"]), ("key", [key_data])):
-        if _checksum(leaves) != sums.get(what):
+        if sha256_arrays(leaves) != sums.get(what):
             raise corrupted(f"the {what} arrays do not match the checksum recorded when it was written")
 
     def rebuild(like, leaves):
@@ -346,5 +383,5 @@ def restore_checkpoint(
     model = rebuild(like_model, host["model"])
     opt_state = rebuild(like_opt_state, host["opt_state"])
     impl = meta.get("key_impl")
-    key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=impl) if impl else jnp.asarray(key_data)
+    key = key_from_parts(key_data, impl)
     return Checkpoint(model, opt_state, step, key, meta)

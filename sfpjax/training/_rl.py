@@ -32,7 +32,6 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from ..inference._filter import filter_beliefs
 from ..inference._sampling import sample
 from ..model._generate import completion_log_probs, sample_completions
 from ..processes._ghmm import GHMM, is_hmm
+from .._io import sha256_tree
 from ._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from ._step import init_opt_state
 
@@ -487,12 +487,7 @@ def _key_data(key) -> np.ndarray:
 
 
 def _fingerprint(*trees) -> str:
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(eqx.filter(trees, eqx.is_array)):
-        leaf = np.asarray(leaf)
-        h.update(str((leaf.shape, leaf.dtype.str)).encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
+    return sha256_tree(trees)
 
 
 _fold_in_stack = jax.jit(jax.vmap(jr.fold_in, in_axes=(0, None)))

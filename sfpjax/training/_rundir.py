@@ -10,35 +10,25 @@ a resume with other data is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from .._io import atomic_write, key_parts, sha256_tree
 
 __all__: list[str] = []
 
 
 def fingerprint(tree) -> str:
     """SHA-256 of the shapes, dtypes and bytes of the array leaves of ``tree``."""
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array)):
-        leaf = np.asarray(leaf)
-        h.update(str((leaf.shape, leaf.dtype.str)).encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
+    return sha256_tree(tree)
 
 
 def key_data(key) -> np.ndarray:
     """The raw bits of a (typed or raw) PRNG key, for comparing keys."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key))
-    return np.asarray(key)
+    return key_parts(key)[0]
 
 
 def to_json(x):
@@ -49,13 +39,7 @@ def to_json(x):
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Replace ``path`` by ``rows`` atomically (a crash leaves the old file or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -1,0 +1,456 @@
+"""The on-disk format of a sweep folder: manifest, chunk files, results table, and reading back.
+
+Layout of a sweep folder ``out_dir``::
+
+    manifest.json               grid, key, chunk size, metric shapes, fingerprint
+    chunks/chunk_000000.csv     one row per point of chunk 0: index, parameters, scalar metrics
+    chunks/chunk_000000.npz     array metrics of chunk 0 (only if fn returns any)
+    chunks/chunk_000000.sha256  SHA-256 of the chunk's .csv and .npz; written last, it marks
+                                the chunk as finished
+    results.csv                 all rows in grid order, written once every chunk is done
+    results.sha256              SHA-256 of results.csv; written last, it marks the sweep done
+
+Every file is written atomically (`sfpjax._io.atomic_write`), so a crash never leaves a
+partial file under its final name. The ``.sha256`` files have the format ``sha256sum``
+writes (``cd chunks && sha256sum -c chunk_000000.sha256`` checks a chunk by hand); every
+read of a table or an array file verifies it against them first, so a damaged file is
+named instead of read as data. The manifest records that its folder is checksummed
+(``"checksums": "sha256"``, version 2); version-1 folders, written before checksums
+existed, load and resume without them. Each chunk keeps its own checksum file rather than
+an entry in the manifest because chunks are finished by many processes at once in a
+multi-host sweep, and a shared manifest rewritten after every chunk would race and grow
+quadratically. Table values are written as the shortest text that reads back to the same
+number, so a table read back equals the one written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._io import atomic_write, key_parts, sha256_bytes, sha256_json
+from ._grid import INDEX, Grid, grid_differences, grid_from_spec
+
+__all__ = ["SweepResult", "load_sweep"]
+
+FORMAT = "sfpjax-sweep"
+VERSION = 2
+_TABLE_KINDS = "biuf"
+_RECOMPUTE = (
+    "delete it (and results.csv, if the damaged file is a chunk) and run the sweep again to "
+    "recompute the missing chunks."
+)
+
+
+class _ChunkedArrays(Mapping):
+    """Array metrics, merged in grid order from the per-chunk ``.npz`` files on first access."""
+
+    def __init__(self, layout: Layout, chunks: Sequence[int], specs: Mapping[str, Mapping[str, Any]]):
+        self._layout = layout
+        self._chunks = list(chunks)
+        self._specs = dict(specs)
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._specs:
+            raise KeyError(name)
+        if name not in self._loaded:
+            spec = self._specs[name]
+            parts = []
+            for c in self._chunks:
+                path = self._layout.chunk_npz(c)
+                data = read_checked(self._layout, path, c)
+                try:
+                    with np.load(io.BytesIO(data)) as z:
+                        parts.append(z[name])
+                except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged file
+                    raise ValueError(
+                        f"{path!r} cannot be read as the arrays of this sweep ({type(e).__name__}: {e}); "
+                        f"the file is damaged: {self._layout.recompute(c)}"
+                    ) from e
+            empty = np.zeros((0, *spec["shape"]), np.dtype(spec["dtype"]))
+            self._loaded[name] = np.concatenate(parts, axis=0) if parts else empty
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SweepResult:
+    """A sweep read back from its folder.
+
+    Attributes:
+        path: the sweep folder.
+        grid: the `Grid` that was swept.
+        table: column name -> 1-D NumPy array, one entry per finished point in grid order:
+            ``index`` (the point's position in the grid), every parameter, every scalar
+            metric.
+        arrays: metric name -> NumPy array ``(num_finished_points, *metric_shape)``, rows
+            aligned with `table`; read from the chunk files on first access.
+        complete: whether every chunk has finished. A folder still being swept (or whose
+            run was killed) loads with the finished chunks only.
+        chunk_size: points per chunk.
+    """
+
+    path: str
+    grid: Grid
+    table: dict[str, np.ndarray]
+    # Values are read from disk on first access; a runtime type check must not trigger that.
+    arrays: Mapping[str, Any]
+    complete: bool
+    chunk_size: int
+
+    def __len__(self) -> int:
+        return len(self.table[INDEX])
+
+    def __repr__(self) -> str:
+        return (
+            f"SweepResult(path={self.path!r}, rows={len(self)}/{len(self.grid)}, "
+            f"columns={list(self.table)}, arrays={list(self.arrays)}, complete={self.complete})"
+        )
+
+
+
+def _format_column(column: np.ndarray) -> list[str]:
+    """Each value as its shortest string that reads back to the same value."""
+    if column.dtype.kind == "b":
+        return ["True" if v else "False" for v in column.tolist()]
+    if column.dtype == np.float64 or column.dtype.kind in "iu":
+        # repr of a Python float is its shortest round-trip form; ints print exactly.
+        return list(map(repr, column.tolist()))
+    # str of a NumPy float32/float16 scalar is its shortest round-trip form at that precision.
+    return list(map(str, column))
+
+
+def _parse(values: Sequence[str], dtype: np.dtype) -> np.ndarray:
+    if dtype.kind == "b":
+        return np.asarray([v == "True" for v in values], dtype=bool)
+    if dtype.kind == "f":
+        return np.asarray(list(map(float, values)), dtype=np.float64).astype(dtype)
+    return np.asarray(list(map(int, values)), dtype=dtype)
+
+
+def csv_text(header: Sequence[str], columns: Sequence[np.ndarray]) -> str:
+    # Names are identifiers and values are numbers, so no field needs CSV quoting.
+    rows = map(",".join, zip(*map(_format_column, columns), strict=True))
+    return "\n".join([",".join(header), *rows]) + "\n"
+
+
+def _read_csv(
+    layout: Layout, path: str, columns: Sequence[str], num_rows: int, c: int | None
+) -> list[list[str]]:
+    """The rows of a table file (chunk ``c``, or results.csv for ``None``), checked against
+    its checksum, the header and the row count it must have."""
+    try:
+        lines = read_checked(layout, path, c).decode().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path!r} cannot be read ({e}); {_RECOMPUTE}") from e
+    if not lines or lines[0] != ",".join(columns):
+        raise ValueError(
+            f"{path!r} does not start with the header {','.join(columns)!r}; the file is damaged: {_RECOMPUTE}"
+        )
+    if len(lines) - 1 != num_rows:
+        raise ValueError(f"{path!r} has {len(lines) - 1} rows, expected {num_rows}; the file is damaged: {_RECOMPUTE}")
+    rows = [line.split(",") for line in lines[1:]]
+    for i, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(
+                f"{path!r} line {i + 2} has {len(row)} fields, expected {len(columns)}; the file is "
+                f"damaged: {_RECOMPUTE}"
+            )
+    return rows
+
+
+class Layout:
+    """The paths of a sweep folder; ``checksummed`` is false for version-1 folders."""
+
+    def __init__(self, out_dir: str, num_chunks: int, checksummed: bool = True):
+        self.root = out_dir
+        self.chunks = os.path.join(out_dir, "chunks")
+        self.manifest = os.path.join(out_dir, "manifest.json")
+        self.results = os.path.join(out_dir, "results.csv")
+        self.results_sums = os.path.join(out_dir, "results.sha256")
+        self.num_chunks = num_chunks
+        self.checksummed = checksummed
+
+    @classmethod
+    def of(cls, out_dir: str, manifest: Mapping[str, Any]) -> Layout:
+        return cls(out_dir, manifest["num_chunks"], manifest.get("checksums") == "sha256")
+
+    def chunk_csv(self, c: int) -> str:
+        return os.path.join(self.chunks, f"chunk_{c:06d}.csv")
+
+    def chunk_npz(self, c: int) -> str:
+        return os.path.join(self.chunks, f"chunk_{c:06d}.npz")
+
+    def chunk_sums(self, c: int) -> str:
+        return os.path.join(self.chunks, f"chunk_{c:06d}.sha256")
+
+    def sums(self, c: int | None) -> str:
+        return self.results_sums if c is None else self.chunk_sums(c)
+
+    def done(self, c: int) -> bool:
+        # The checksums are written after the .npz and the .csv, so their presence means the
+        # chunk is complete; a deleted .csv makes the chunk count as not done.
+        if not self.checksummed:
+            return os.path.exists(self.chunk_csv(c))
+        return os.path.exists(self.chunk_sums(c)) and os.path.exists(self.chunk_csv(c))
+
+    def complete(self) -> bool:
+        if not self.checksummed:
+            return os.path.exists(self.results)
+        return os.path.exists(self.results_sums) and os.path.exists(self.results)
+
+    def recompute(self, c: int | None) -> str:
+        """How to recompute chunk ``c`` (``None``: results.csv) after a damaged file."""
+        if c is None:
+            return (
+                f"delete {self.results!r} and run the sweep again (same fn, grid and key): "
+                "results.csv is rebuilt from the chunk files."
+            )
+        stem = os.path.join(self.chunks, f"chunk_{c:06d}")
+        return (
+            f"delete {stem}.* (and results.csv, if present) and run the sweep again (same fn, "
+            "grid and key): only the missing chunks are recomputed."
+        )
+
+
+def _sums_text(files: Mapping[str, bytes]) -> bytes:
+    return "".join(f"{sha256_bytes(data)}  {name}\n" for name, data in files.items()).encode()
+
+
+def read_checked(layout: Layout, path: str, c: int | None) -> bytes:
+    """The bytes of ``path``, a file of chunk ``c`` (``None``: results.csv), verified against
+    the SHA-256 recorded for it when it was written."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{path!r} cannot be read ({e}); {layout.recompute(c)}") from e
+    if not layout.checksummed:
+        return data
+    sums_path = layout.sums(c)
+    name = os.path.basename(path)
+    try:
+        with open(sums_path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"the checksum file {sums_path!r} cannot be read ({e}); {layout.recompute(c)}") from e
+    recorded = {}
+    for line in lines:
+        digest, sep, file = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ValueError(
+                f"the checksum file {sums_path!r} is damaged (line {line[:80]!r} is not "
+                f"'<sha256>  <file>'): {layout.recompute(c)}"
+            )
+        recorded[file] = digest
+    if name not in recorded:
+        raise ValueError(f"the checksum file {sums_path!r} has no entry for {name}; it is damaged: {layout.recompute(c)}")
+    if sha256_bytes(data) != recorded[name]:
+        raise ValueError(
+            f"{path!r} does not match the SHA-256 recorded in {sums_path!r} when it was written: the "
+            f"file is damaged (check by hand with `cd {os.path.dirname(path) or '.'} && sha256sum -c "
+            f"{os.path.basename(sums_path)}`). To recompute it, {layout.recompute(c)}"
+        )
+    return data
+
+
+
+def key_spec(key: Any) -> dict[str, Any] | None:
+    if key is None:
+        return None
+    data, impl = key_parts(key)
+    return {"impl": impl or "raw", "data": data.tolist()}
+
+
+def fingerprint(grid_spec: Mapping[str, Any], key_spec: Any) -> str:
+    return sha256_json({"grid": grid_spec, "key": key_spec})
+
+
+_MANIFEST_KEYS = ("fingerprint", "grid", "key", "num_points", "metrics", "columns", "chunk_size", "num_chunks")
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest at ``path``, or a ``ValueError`` that names the file and the way out."""
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"the sweep manifest {path!r} cannot be read ({type(e).__name__}: {e}); it is damaged. "
+            "It records the sweep's grid, key and chunk layout: restore it from a copy, or delete "
+            "it and run the sweep again with the same fn, grid, key and chunk_size as the original "
+            "call (finished chunks are verified against their checksums and kept); if those are "
+            "unknown, delete the whole folder and run the sweep again."
+        ) from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an sfpjax sweep manifest.")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(
+            f"the sweep manifest {path!r} lacks the fields {missing}; it is damaged: restore it "
+            "from a copy, or delete it and run the sweep again with the original arguments."
+        )
+    return manifest
+
+
+def check_manifest(old: Mapping[str, Any], new: Mapping[str, Any], out_dir: str) -> None:
+    if old["fingerprint"] != new["fingerprint"]:
+        what, details = [], []
+        if old["grid"] != new["grid"]:
+            what.append("grid")
+            details += grid_differences(grid_from_spec(old["grid"]), grid_from_spec(new["grid"]))
+        if old["key"] != new["key"]:
+            what.append("key")
+            details.append(f"key: recorded {_key_text(old['key'])}, given {_key_text(new['key'])}")
+        raise ValueError(
+            f"out_dir {out_dir!r} holds a different sweep: its {' and '.join(what) or 'config'} "
+            "differs from this call:\n  " + "\n  ".join(details or ["(fingerprint differs)"])
+            + "\nUse a new out_dir, or pass the same grid and key to resume."
+        )
+    if old["metrics"] != new["metrics"]:
+        names = sorted(set(old["metrics"]) | set(new["metrics"]))
+        diff = [
+            f"{k}: recorded {_metric_text(old['metrics'].get(k))}, fn returns {_metric_text(new['metrics'].get(k))}"
+            for k in names
+            if old["metrics"].get(k) != new["metrics"].get(k)
+        ]
+        raise ValueError(
+            f"out_dir {out_dir!r} holds a sweep whose metrics were different:\n  " + "\n  ".join(diff)
+            + "\nUse a new out_dir for a changed fn."
+        )
+
+
+def _key_text(spec: Mapping[str, Any] | None) -> str:
+    return "no key" if spec is None else f"{spec['impl']} key with data {spec['data']}"
+
+
+def _metric_text(spec: Mapping[str, Any] | None) -> str:
+    return "nothing" if spec is None else f"shape {tuple(spec['shape'])} dtype {np.dtype(spec['dtype'])}"
+
+
+def is_table_metric(spec: Mapping[str, Any]) -> bool:
+    """Whether a metric of this shape and dtype is a table column (else an ``.npz`` array)."""
+    return not spec["shape"] and np.dtype(spec["dtype"]).kind in _TABLE_KINDS
+
+
+def write_chunk(
+    layout: Layout,
+    c: int,
+    header: Sequence[str],
+    columns: Sequence[np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+) -> None:
+    files = {}
+    if arrays:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        files[os.path.basename(layout.chunk_npz(c))] = buf.getvalue()
+        atomic_write(layout.chunk_npz(c), files[os.path.basename(layout.chunk_npz(c))])
+    text = csv_text(header, columns).encode()
+    files[os.path.basename(layout.chunk_csv(c))] = text
+    atomic_write(layout.chunk_csv(c), text)
+    if layout.checksummed:
+        atomic_write(layout.chunk_sums(c), _sums_text(files))
+
+
+def verify_chunk(layout: Layout, c: int, with_arrays: bool) -> None:
+    """Check a finished chunk's files against their checksums (raises ``ValueError``)."""
+    read_checked(layout, layout.chunk_csv(c), c)
+    if with_arrays:
+        read_checked(layout, layout.chunk_npz(c), c)
+
+
+def _chunk_rows(manifest: Mapping[str, Any], c: int) -> int:
+    size = manifest["chunk_size"]
+    return min((c + 1) * size, manifest["num_points"]) - c * size
+
+
+def assemble(layout: Layout, manifest: Mapping[str, Any]) -> None:
+    header = ",".join(manifest["columns"]) + "\n"
+    pieces = [header]
+    for c in range(layout.num_chunks):
+        path = layout.chunk_csv(c)
+        text = read_checked(layout, path, c).decode()
+        # The rows are copied byte for byte, after a check that the chunk is whole.
+        if not text.startswith(header) or text.count("\n") != _chunk_rows(manifest, c) + 1:
+            raise ValueError(f"{path!r} is not a whole chunk of this sweep; the file is damaged: {_RECOMPUTE}")
+        pieces.append(text[len(header):])
+    data = "".join(pieces).encode()
+    atomic_write(layout.results, data)
+    if layout.checksummed:
+        atomic_write(layout.results_sums, _sums_text({os.path.basename(layout.results): data}))
+
+
+def load_folder(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.ndarray] | None = None) -> SweepResult:
+    """The sweep in ``out_dir``; ``table``, when given, is its whole table, already in memory."""
+    g = grid_from_spec(manifest["grid"])
+    layout = Layout.of(out_dir, manifest)
+    specs = manifest["metrics"]
+    complete = layout.complete()
+    header = manifest["columns"]
+    if table is not None:
+        finished = list(range(layout.num_chunks))
+    elif complete:
+        finished = list(range(layout.num_chunks))
+        rows = _read_csv(layout, layout.results, header, manifest["num_points"], None)
+    else:
+        finished = [c for c in range(layout.num_chunks) if layout.done(c)]
+        rows = []
+        for c in finished:
+            rows.extend(_read_csv(layout, layout.chunk_csv(c), header, _chunk_rows(manifest, c), c))
+    if table is None:
+        dtypes = {INDEX: np.dtype(np.int64)}
+        dtypes.update({k: v.dtype for k, v in g.values.items()})
+        dtypes.update({k: np.dtype(s["dtype"]) for k, s in specs.items() if is_table_metric(s)})
+        transposed = list(zip(*rows, strict=True)) if rows else [()] * len(header)
+        try:
+            table = {name: _parse(col, dtypes[name]) for name, col in zip(header, transposed, strict=True)}
+        except ValueError as e:
+            raise ValueError(
+                f"The table files in {out_dir!r} hold a value that is not a number ({e}): a file "
+                "is damaged; delete results.csv and the damaged chunks/chunk_*.csv, then run the "
+                "sweep again to recompute them."
+            ) from e
+    array_specs = {k: s for k, s in specs.items() if not is_table_metric(s)}
+    return SweepResult(
+        path=out_dir,
+        grid=g,
+        table=table,
+        arrays=_ChunkedArrays(layout, finished if array_specs else [], array_specs),
+        complete=complete,
+        chunk_size=manifest["chunk_size"],
+    )
+
+
+def load_sweep(out_dir: str | os.PathLike) -> SweepResult:
+    """Read a sweep folder written by `run_sweep`, finished or not.
+
+    Args:
+        out_dir: the folder given to `run_sweep`.
+
+    A folder whose sweep is still running or was killed loads the finished chunks only
+    (``result.complete`` is then ``False``).
+
+    >>> import tempfile, jax.numpy as jnp, sfpjax
+    >>> d = tempfile.mkdtemp()
+    >>> _ = sfpjax.run_sweep(lambda p: {"y": p["x"] ** 2}, sfpjax.grid(x=[1.0, 2.0]), out_dir=d, progress=False)
+    >>> sfpjax.load_sweep(d).table["y"]
+    array([1., 4.], dtype=float32)
+    """
+    out_dir = os.fspath(out_dir)
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{out_dir!r} holds no sweep (no manifest.json); run run_sweep into it first.")
+    return load_folder(out_dir, read_manifest(path))
