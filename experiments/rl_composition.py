@@ -157,7 +157,7 @@ def signature(model, reference, batch, task, which, beta, P):
     ref = sfpjax.completion_log_probs(reference, seqs, prompt_len=P)[:, 0].astype(jnp.float64)
     V = lp.shape[-1]
     reward = TaskReward(jnp.asarray(which), task)
-    r = jax.vmap(lambda x, s, b: jax.vmap(lambda y: reward(x, y[None], sfpjax.PromptBatch(x, s, b)))(jnp.arange(V)))(
+    r = jax.vmap(lambda x, s, b: jax.vmap(lambda y: reward(x, y[None], sfpjax.PromptBatch(x, s, b)))(jnp.arange(V, dtype=jnp.int32)))(
         batch.tokens, batch.states, batch.beliefs).astype(jnp.float64)
     optimum = jax.nn.log_softmax(ref + r / beta, axis=-1)
     p = jnp.exp(lp)
