@@ -159,7 +159,7 @@ np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 rc = sfpjax.RLConfig(steps=1, prompts_per_step=B, group_size=G, n_new=N, learning_rate=LR, kl_weight=BETA,
                      grad_clip=None)
 step = sfpjax.make_rl_step(rc)
-state = sfpjax.init_opt_state(step.optimizer, policy)
+state = step.init(policy)
 t0 = time.perf_counter()
 policy, state, m = step(policy, state, reference, prompts, reward, BETA, jr.key(1))
 block(m)
@@ -174,14 +174,14 @@ tl_step()
 K = ARGS.stack
 stacked_step = sfpjax.make_rl_step(rc, stacked=True)
 stack = eqx.filter_vmap(lambda _: reference)(jnp.arange(K))
-stack_state = sfpjax.init_opt_state(stacked_step.optimizer, stack, stacked=True)
+stack_state = stacked_step.init(stack)
 kws = jnp.full((K,), BETA, jnp.float32)
 t0 = time.perf_counter()
 stack, stack_state, m = stacked_step(stack, stack_state, reference, prompts, reward, kws, jr.split(jr.key(3), K))
 block(m)
 compile_stack = time.perf_counter() - t0
 singles = [jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, reference) for _ in range(K)]
-single_states = [sfpjax.init_opt_state(step.optimizer, s) for s in singles]
+single_states = [step.init(s) for s in singles]
 
 
 # ---------------------------------------------------------------- timing

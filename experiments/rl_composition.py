@@ -203,7 +203,7 @@ def run_task(task: str, config: Config, key, out_dir):
 
     batch = prompts.prompts(eval_key, config.n_eval)
     P = prompts.prompt_len
-    like_opt = sfpjax.init_opt_state(sfpjax.make_rl_step(rc).optimizer, models, stacked=True)
+    like_opt = sfpjax.make_rl_step(rc, stacked=True).init(models)
     steps = sorted(int(p) for p in os.listdir(os.path.join(run_dir, "checkpoints")) if p.isdigit())
     per_ckpt = []
     for step in [0] + steps:

@@ -61,13 +61,20 @@ from .model import Rollout as Rollout
 from .model import completion_log_probs as completion_log_probs
 from .model import generate as generate
 from .model import sample_completions as sample_completions
+from .model import LoRAAdapter as LoRAAdapter
+from .model import LoRATransformer as LoRATransformer
+from .model import SteeredTransformer as SteeredTransformer
+from .model import lora_target_names as lora_target_names
 # Training
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource
 from .training import as_source as as_source
 from .training import EvalResult as EvalResult
+from .training import ModelConfig as ModelConfig
+from .training import SequenceModel as SequenceModel
 from .training import TrainConfig as TrainConfig
 from .training import TrainResult as TrainResult
+from .training import TrainStep as TrainStep
 from .training import evaluate as evaluate
 from .training import init_opt_state as init_opt_state
 from .training import loss_floor as loss_floor
@@ -78,6 +85,12 @@ from .training import next_token_loss as next_token_loss
 from .training import per_position_loss as per_position_loss
 from .training import train as train
 from .training import train_stack as train_stack
+from .training import FullFinetune as FullFinetune
+from .training import HeadOnly as HeadOnly
+from .training import LoRA as LoRA
+from .training import SteeringVector as SteeringVector
+from .training import finetune as finetune
+from .training import finetune_stack as finetune_stack
 from .training import Checkpoint as Checkpoint
 from .training import CheckpointError as CheckpointError
 from .training import latest_checkpoint as latest_checkpoint

@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 
 import equinox as eqx
 import jax
@@ -210,6 +211,22 @@ def test_stack_of_two_models_equals_two_separate_runs():
         sfpjax.train_stack(models, procs[0], TC, keys=jr.split(jr.key(0), 3), progress=False)
 
 
+class _CountCompiles:
+    """Counts XLA compilations while active."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def test_make_step_compiles_once_and_donates():
     model = _model()
     opt_state = sfpjax.init_opt_state(OPT, model)
@@ -218,10 +235,61 @@ def test_make_step_compiles_once_and_donates():
     for i in range(3):
         model, opt_state, loss = step(model, opt_state, src, jr.fold_in(jr.key(0), i))
     assert np.isfinite(float(loss))
-    assert sfpjax.training._train._train_step._cached._cache_size() >= 1
-    before = sfpjax.training._train._train_step._cached._cache_size()
-    model, opt_state, loss = step(model, opt_state, src, jr.key(9))
-    assert sfpjax.training._train._train_step._cached._cache_size() == before
+    old_model = model
+    with _CountCompiles() as compiles:
+        model, opt_state, loss = step(model, opt_state, src, jr.key(9))
+        # A step made again from an equal optimizer is the same compiled program.
+        step2 = sfpjax.make_step(sfpjax.make_optimizer(TC), batch_size=4, seq_len=8)
+        model, opt_state, loss = step2(model, opt_state, src, jr.key(10))
+    assert compiles.count == 0
+    assert step2 == step
+    assert old_model.W_U.is_deleted()  # donated
+
+
+def test_equal_configs_reuse_the_compiled_training_step():
+    # A fresh optimizer (from the config) every call; only bookkeeping fields differ.
+    tc = dataclasses.replace(TC, eval_every=4, eval_batch_size=32)
+    first = sfpjax.train(_model(), sfpjax.z1r(), tc, key=jr.key(1), progress=False)
+    with _CountCompiles() as compiles:
+        again = sfpjax.train(_model(), sfpjax.z1r(), dataclasses.replace(tc, log_every=2), key=jr.key(1),
+                             progress=False)
+    assert compiles.count == 0
+    assert_trees_equal(first.model, again.model)
+    assert sfpjax.make_optimizer(tc) == sfpjax.make_optimizer(dataclasses.replace(tc, log_every=3))
+    assert sfpjax.make_optimizer(tc) != sfpjax.make_optimizer(dataclasses.replace(tc, learning_rate=2e-2))
+
+
+def test_resumable_fields_are_marked_on_the_config():
+    assert sfpjax.TrainConfig.resumable_fields() == (
+        "eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_call")
+
+
+def test_model_protocol_is_checked():
+    assert isinstance(_model(), sfpjax.SequenceModel)
+    with pytest.raises(ValueError, match="must provide a `config` and a `batched"):
+        sfpjax.training._protocol.check_model(lambda tokens: tokens)
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    tc = dataclasses.replace(TC, checkpoint_every=4, keep_checkpoints=None, log_every=2)
+    full = sfpjax.train(_model(), sfpjax.z1r(), tc, key=jr.key(1), run_dir=tmp_path / "full", progress=False)
+    run_dir = tmp_path / "torn"
+    run_dir.mkdir()
+    # A run killed while writing the row of step 6: checkpoint 4, rows 2 and 4, half of row 6.
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "4", run_dir / "checkpoints" / "4")
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    with pytest.warns(UserWarning, match="torn last line"):
+        resumed = sfpjax.train(_model(), sfpjax.z1r(), tc, key=jr.key(1), run_dir=run_dir, resume=True,
+                               progress=False)
+    assert resumed.history == full.history
+    assert_trees_equal(resumed.model, full.model)
+    # Damage before the last line is not a crash's: it is named, with the fix.
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0][:5]] + lines[1:]) + "\n")
+    shutil.rmtree(run_dir / "checkpoints" / "8")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 1 is not valid JSON.*Delete that line"):
+        sfpjax.train(_model(), sfpjax.z1r(), tc, key=jr.key(1), run_dir=run_dir, resume=True, progress=False)
 
 
 def test_several_steps_per_call_make_the_same_updates():

@@ -1,0 +1,212 @@
+"""Next-token losses, the exact loss floor and evaluation against it.
+
+Alignment of losses with the process (the model module fixes the belief alignment):
+
+* without BOS, position ``t`` (0-indexed) has read ``x_1 .. x_{t+1}`` and predicts
+  ``x_{t+2}``, so positions ``0 .. L-2`` are scored and position ``t``'s floor is the myopic
+  entropy ``H(X_{t+2} | X_{1:t+1}) = myopic_entropies[t + 1]``;
+* with BOS, position ``t`` has read ``x_1 .. x_t`` and predicts ``x_{t+1}``, so all ``L``
+  positions are scored and the floor at ``t`` is ``myopic_entropies[t]``.
+
+The excess loss ``loss - floor`` (in nats, and in % of the floor) is how far a model is from
+the Bayes-optimal predictor; it is what the training log reports.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..inference._filter import filter_beliefs, next_token_probs
+from ..inference._mixed_state import myopic_entropies
+from ..inference._sampling import sample
+from ..processes._ghmm import GHMM
+from ..processes._structure import _entropy
+from ._protocol import SequenceModel, check_model
+
+__all__ = ["EvalResult", "evaluate", "loss_floor", "next_token_loss", "per_position_loss"]
+
+
+def _check_batch(tokens) -> None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"tokens must be an integer batch of shape (batch, seq_len), got shape {tokens.shape} "
+            f"and dtype {tokens.dtype}."
+        )
+
+
+@eqx.filter_jit
+def per_position_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Array, "B P"]:
+    """Cross-entropy ``-log q(x_next | context)`` of every scored position of every sequence.
+
+    ``P = L - 1`` without BOS (position ``t`` predicts ``tokens[:, t + 1]``) and ``P = L``
+    with BOS (position ``t`` predicts ``tokens[:, t]``); see the module docstring.
+
+    >>> import jax.numpy as jnp, jax.random as jr, sfpjax
+    >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
+    >>> model = sfpjax.Transformer(cfg, key=jr.key(0))
+    >>> sfpjax.per_position_loss(model, jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 4)
+    """
+    check_model(model)
+    _check_batch(tokens)
+    logits = model.batched(tokens)
+    if model.config.use_bos:
+        logits, targets = logits[:, :-1], tokens
+    else:
+        if tokens.shape[1] < 2:
+            raise ValueError("without BOS a sequence needs at least 2 tokens to score a prediction.")
+        logits, targets = logits[:, :-1], tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+@eqx.filter_jit
+def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Array, ""]:
+    """Mean next-token cross-entropy in nats over all scored positions of a batch.
+
+    >>> import math, jax.numpy as jnp, jax.random as jr, sfpjax
+    >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
+    >>> model = sfpjax.Transformer(cfg, key=jr.key(0))
+    >>> loss = sfpjax.next_token_loss(model, jnp.zeros((2, 5), jnp.int32))
+    >>> abs(float(loss) - math.log(3)) < 0.2  # near-uniform predictions at initialization
+    True
+    """
+    return per_position_loss(model, tokens).mean()
+
+
+def loss_floor(
+    process: GHMM,
+    seq_len: int,
+    *,
+    use_bos: bool,
+    key: PRNGKeyArray | None = None,
+    num_samples: int = 4096,
+    max_exact_words: int = 1 << 20,
+) -> Float[Array, " P"]:
+    """The lowest achievable loss at every scored position: myopic entropies, aligned.
+
+    Entry ``t`` is ``myopic_entropies[t + 1]`` without BOS (``P = L - 1``) and
+    ``myopic_entropies[t]`` with BOS (``P = L``). Depths ``n`` with ``V**n <=
+    max_exact_words`` are exact (enumeration of all words); deeper ones, if any, are
+    estimated as the mean entropy of the exact next-token law ``<<eta(w)|T(x)|1>>`` over
+    ``num_samples`` sampled contexts ``w`` (this needs ``key``).
+
+    >>> import sfpjax
+    >>> [round(float(v), 4) for v in sfpjax.loss_floor(sfpjax.coin(), 4, use_bos=False)]
+    [0.6931, 0.6931, 0.6931]
+    """
+    seq_len = int(seq_len)
+    if seq_len < 1 or (seq_len < 2 and not use_bos):
+        raise ValueError(
+            f"seq_len must be >= {1 if use_bos else 2} to score a prediction "
+            f"({'with' if use_bos else 'without'} BOS), got {seq_len}."
+        )
+    first = 0 if use_bos else 1
+    depth = seq_len - 1
+    V = int(process.T.shape[-3])
+    exact_depth = depth
+    while exact_depth > 0 and V**exact_depth > max_exact_words:
+        exact_depth -= 1
+    exact = myopic_entropies(process, exact_depth)
+    if exact_depth == depth:
+        return exact[first:]
+    if key is None:
+        raise ValueError(
+            f"the floor to depth {depth} would enumerate {V}**{depth} words (more than "
+            f"max_exact_words={max_exact_words}); pass key= to estimate the deeper positions "
+            "from sampled contexts, or raise max_exact_words."
+        )
+    tokens = sample(process, key=key, batch_size=num_samples, seq_len=depth)
+    beliefs = filter_beliefs(process, tokens).beliefs  # belief after x_1..x_{n}, n = 1..depth
+    est = _entropy(next_token_probs(process, beliefs)).mean(0)  # H(X_{n+1} | X_{1:n})
+    full = jnp.concatenate([exact, est[exact_depth:].astype(exact.dtype)])
+    return full[first:]
+
+
+class EvalResult(NamedTuple):
+    """Loss of a model against the exact floor (arrays; stacked under vmap).
+
+    Attributes:
+        loss: mean loss at every scored position ``(P,)``.
+        floor: the floor at every position ``(P,)``, see :func:`loss_floor`.
+        excess: ``loss - floor`` ``(P,)`` in nats.
+        mean_loss: loss averaged over positions.
+        excess_mean: ``mean(loss) - mean(floor)`` in nats.
+        excess_pct: ``excess_mean`` in % of ``mean(floor)`` (nan for a zero floor).
+        excess_last: excess at the last position, in nats.
+        excess_last_pct: ``excess_last`` in % of the last floor.
+    """
+
+    loss: Float[Array, " P"]
+    floor: Float[Array, " P"]
+    excess: Float[Array, " P"]
+    mean_loss: Float[Array, ""]
+    excess_mean: Float[Array, ""]
+    excess_pct: Float[Array, ""]
+    excess_last: Float[Array, ""]
+    excess_last_pct: Float[Array, ""]
+
+
+def _pct(excess, floor):
+    return jnp.where(floor > 0, 100.0 * excess / jnp.where(floor > 0, floor, 1.0), jnp.nan)
+
+
+def evaluate_sample(model, process, key, floor, batch_size: int, seq_len: int) -> EvalResult:
+    """The evaluation of one model on a fresh sample drawn with ``key`` (traceable; the loop vmaps it)."""
+    tokens = sample(process, key=key, batch_size=batch_size, seq_len=seq_len)
+    loss = per_position_loss(model, tokens).mean(0)
+    dtype = jnp.promote_types(loss.dtype, floor.dtype)
+    loss, floor = loss.astype(dtype), floor.astype(dtype)
+    excess = loss - floor
+    excess_mean = loss.mean() - floor.mean()
+    return EvalResult(
+        loss=loss,
+        floor=floor,
+        excess=excess,
+        mean_loss=loss.mean(),
+        excess_mean=excess_mean,
+        excess_pct=_pct(excess_mean, floor.mean()),
+        excess_last=excess[-1],
+        excess_last_pct=_pct(excess[-1], floor[-1]),
+    )
+
+
+def evaluate(
+    model: SequenceModel,
+    process: GHMM,
+    *,
+    key: PRNGKeyArray,
+    batch_size: int,
+    seq_len: int,
+    floor: Float[Array, " P"] | None = None,
+) -> EvalResult:
+    """Per-position loss of ``model`` on fresh samples of ``process`` against the exact floor.
+
+    Args:
+        model: a single model (``eqx.filter_vmap`` this function over a stack).
+        process: the process the sequences are drawn from.
+        key: PRNG key for the sample (and for the floor, if it must be estimated).
+        batch_size, seq_len: the evaluation sample.
+        floor: a precomputed :func:`loss_floor` (saves recomputing it at every evaluation).
+
+    >>> import jax.random as jr, sfpjax
+    >>> cfg = sfpjax.TransformerConfig(vocab_size=2, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
+    >>> model = sfpjax.Transformer(cfg, key=jr.key(0))
+    >>> res = sfpjax.evaluate(model, sfpjax.coin(), key=jr.key(1), batch_size=64, seq_len=8)
+    >>> res.loss.shape, res.floor.shape
+    ((7,), (7,))
+    """
+    check_model(model)
+    sample_key, floor_key = jr.split(key)
+    if floor is None:
+        floor = loss_floor(process, seq_len, use_bos=model.config.use_bos, key=floor_key)
+    return _evaluate(model, process, sample_key, floor, int(batch_size), int(seq_len))
+
+
+_evaluate = eqx.filter_jit(evaluate_sample)
