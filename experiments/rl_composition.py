@@ -157,7 +157,7 @@ def signature(model, reference, batch, task, which, beta, P):
     ref = sfpjax.completion_log_probs(reference, seqs, prompt_len=P)[:, 0].astype(jnp.float64)
     V = lp.shape[-1]
     reward = TaskReward(jnp.asarray(which), task)
-    r = jax.vmap(lambda x, s, b: jax.vmap(lambda y: reward(x, y[None], sfpjax.PromptBatch(x, s, b)))(jnp.arange(V)))(
+    r = jax.vmap(lambda x, s, b: jax.vmap(lambda y: reward(x, y[None], sfpjax.PromptBatch(x, s, b)))(jnp.arange(V, dtype=jnp.int32)))(
         batch.tokens, batch.states, batch.beliefs).astype(jnp.float64)
     optimum = jax.nn.log_softmax(ref + r / beta, axis=-1)
     p = jnp.exp(lp)
@@ -203,7 +203,7 @@ def run_task(task: str, config: Config, key, out_dir):
 
     batch = prompts.prompts(eval_key, config.n_eval)
     P = prompts.prompt_len
-    like_opt = sfpjax.init_opt_state(sfpjax.make_rl_step(rc).optimizer, models, stacked=True)
+    like_opt = sfpjax.make_rl_step(rc, stacked=True).init(models)
     steps = sorted(int(p) for p in os.listdir(os.path.join(run_dir, "checkpoints")) if p.isdigit())
     per_ckpt = []
     for step in [0] + steps:

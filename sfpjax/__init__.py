@@ -73,14 +73,14 @@ from .model import Transformer as Transformer
 from .model import TransformerBlock as TransformerBlock
 from .model import TransformerConfig as TransformerConfig
 from .model import Intervention as Intervention
-from .model import LoRAAdapter as LoRAAdapter
-from .model import LoRATransformer as LoRATransformer
-from .model import SteeredTransformer as SteeredTransformer
-from .model import lora_target_names as lora_target_names
 from .model import Rollout as Rollout
 from .model import completion_log_probs as completion_log_probs
 from .model import generate as generate
 from .model import sample_completions as sample_completions
+from .model import LoRAAdapter as LoRAAdapter
+from .model import LoRATransformer as LoRATransformer
+from .model import SteeredTransformer as SteeredTransformer
+from .model import lora_target_names as lora_target_names
 # Training
 from .training import ArraySource as ArraySource
 from .training import ProcessSource as ProcessSource

@@ -287,3 +287,16 @@ def test_compare_probes_sees_a_latent_appear_and_the_subspace_turn():
     assert out["implies"].r2_before < 0.8 < 0.99 < out["implies"].r2_after
     assert out["beliefs"].overlap > 0.99
     assert out["implies"].overlap < 0.9
+
+
+def test_lora_policy_trains_only_its_adapters():
+    ref = _model(0)
+    method = sfpjax.LoRA(rank=1, targets=("mlp.W_out",))
+    policy = method.wrap(ref, key=jr.key(7))
+    rc = sfpjax.RLConfig(steps=3, prompts_per_step=2, group_size=4, n_new=1, learning_rate=0.05)
+    out = sfpjax.rl_train(policy, ref, sfpjax.ArrayPrompts(jnp.array([[0, 1]])), prefer_zero, rc,
+                          key=jr.key(0), trainable=method.trainable(policy))
+    assert _trees_equal(out.model.base, ref)
+    moved = [not np.array_equal(a.B, 0) for a in out.model.adapters.values()]
+    assert all(moved)
+    assert out.history[-1]["kl"] > 0

@@ -52,8 +52,9 @@ from ..inference._sampling import sample
 from ..model._generate import completion_log_probs, sample_completions
 from ..processes._ghmm import GHMM, is_hmm
 from .._io import sha256_tree
+from ._rundir import key_data, to_json
 from ._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from ._step import init_opt_state
+from ._step import init_opt_state, trainable_mask
 
 __all__ = [
     "ArrayPrompts",
@@ -265,10 +266,7 @@ def _optimizer(cfg: RLConfig) -> optax.GradientTransformation:
 
 def _partition(model, trainable):
     # The same selection as init_opt_state makes: trainable floating-point arrays.
-    chosen = model if trainable is None else eqx.filter(model, trainable)
-    chosen = eqx.filter(chosen, eqx.is_inexact_array)
-    mask = jax.tree.map(lambda x: x is not None, chosen, is_leaf=lambda x: x is None)
-    return eqx.partition(model, mask)
+    return eqx.partition(model, trainable_mask(model, trainable))
 
 
 def _advantages(R: Float[Array, "B G"], mode: str) -> Float[Array, "B G"]:
@@ -382,7 +380,8 @@ def make_rl_step(
     Returns ``step(model, opt_state, reference, prompts, reward, kl_weight, key) -> (model,
     opt_state, metrics)`` (one ``eqx.filter_jit`` region; the model and optimizer state are
     donated, so the reference must not share their buffers) and ``step.many(..., keys)`` running one step per key in a ``lax.scan``, with
-    metrics stacked over steps. ``metrics`` holds ``loss``, ``reward``, ``kl``, ``entropy``
+    metrics stacked over steps; ``step.init(model)`` is the optimizer state to start from
+    (of each run, for a stack). ``metrics`` holds ``loss``, ``reward``, ``kl``, ``entropy``
     and ``ret`` (mean return); see the module docstring.
 
     Args:
@@ -403,7 +402,7 @@ def make_rl_step(
     >>> ref = sfpjax.Transformer(cfg, key=jr.key(0))  # the step donates model: keep a separate copy
     >>> rc = sfpjax.RLConfig(steps=1, prompts_per_step=4, group_size=2, n_new=2)
     >>> step = sfpjax.make_rl_step(rc)
-    >>> state = sfpjax.init_opt_state(step.optimizer, model)
+    >>> state = step.init(model)
     >>> reward = lambda x, y, info: (y == 1).mean()
     >>> src = sfpjax.PromptSource(sfpjax.coin(), 2)
     >>> model, state, m = step(model, state, ref, src, reward, 0.1, jr.key(1))
@@ -429,8 +428,14 @@ def make_rl_step(
         kw = prep(model, reference, prompts, kl_weight)
         return _rl_steps((spec, reference, prompts, reward, kw, keys), model, opt_state)
 
+    def init(model):
+        if stacked:
+            return eqx.filter_vmap(lambda m: init_opt_state(optimizer, m, trainable=trainable))(model)
+        return init_opt_state(optimizer, model, trainable=trainable)
+
     step.many = many
     step.optimizer = optimizer
+    step.init = init
     return step
 
 
@@ -475,17 +480,6 @@ class RLResult(NamedTuple):
     history: list[dict]
 
 
-def _to_json(x):
-    x = np.asarray(x)
-    return x.item() if x.ndim == 0 else x.tolist()
-
-
-def _key_data(key) -> np.ndarray:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key))
-    return np.asarray(key)
-
-
 def _fingerprint(*trees) -> str:
     return sha256_tree(trees)
 
@@ -501,10 +495,7 @@ def _run(model, reference, prompts, reward, cfg, *, key, kl_weight, optimizer, t
         reference_stacked=reference_stacked, prompts_stacked=prompts_stacked, reward_stacked=reward_stacked,
     )
     _check_models(model, reference, prompts, cfg, stacked, reference_stacked)
-    def init(m):
-        return init_opt_state(step_fn.optimizer, m, trainable=trainable)
-
-    opt_state = eqx.filter_vmap(init)(model) if stacked else init(model)
+    opt_state = step_fn.init(model)
     kw = jnp.asarray(kl_weight, jnp.float32)
     fingerprint = _fingerprint(reference, prompts, reward, kw)
 
@@ -527,7 +518,7 @@ def _run(model, reference, prompts, reward, cfg, *, key, kl_weight, optimizer, t
             )
         if resume and last is not None:
             ck = restore_checkpoint(run_dir, model, opt_state, model_config, cfg, ignore_fields=_BOOKKEEPING)
-            if not np.array_equal(_key_data(ck.key), _key_data(key)):
+            if not np.array_equal(key_data(ck.key), key_data(key)):
                 raise ValueError(
                     f"the key differs from the key of the run in {run_dir}; resume with the same key."
                 )
@@ -565,7 +556,7 @@ def _run(model, reference, prompts, reward, cfg, *, key, kl_weight, optimizer, t
             for t in range(s, stop):
                 if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.steps:
                     row = {"step": t + 1}
-                    row.update({k: _to_json(v[t - s]) for k, v in ms.items()})
+                    row.update({k: to_json(v[t - s]) for k, v in ms.items()})
                     new.append(row)
             rows += new
             if metrics_path is not None and new:
