@@ -55,3 +55,4 @@ from ._em import persona_learner as persona_learner
 from ._em import EMReferences as EMReferences
 from ._em import em_references as em_references
 from ._em import broadness_index as broadness_index
+from ._em import sampled_em_rates as sampled_em_rates
