@@ -186,12 +186,22 @@ def main(argv=None):
         for name, ckey in zip(config.conditions, jr.split(fkey, len(config.conditions))):
             weights = CONDITIONS[name][0]
             refs = sfpjax.em_references(world, weights, prompts)
+            # The same classifier on the exact processes' own continuations of the same length.
+            skeys = jr.split(jr.fold_in(ckey, 1), 3)
+            sampled = {
+                label: _rates_json(sfpjax.sampled_em_rates(w, prompts, key=k, length=config.cont_len,
+                                                           glitch=config.glitch))
+                for label, w, k in zip(("pretrained", "narrow", "persona"),
+                                       (world, sfpjax.narrow_learner(world, weights),
+                                        sfpjax.persona_learner(world, weights)), skeys)
+            }
             traj = finetune(config, world, models, prompts, name, ckey, measure)
             broad = np.asarray(traj["broad"])  # (checkpoints, K)
             entry["conditions"][name] = {
                 "trajectory": traj,
                 "references": {"pretrained": _rates_json(refs.pretrained), "narrow": _rates_json(refs.narrow),
                                "persona": _rates_json(refs.persona)},
+                "sampled_references": sampled,
                 "broadness_final": np.asarray(sfpjax.broadness_index(jnp.asarray(broad[-1]), refs)).tolist(),
                 "broadness_peak": np.asarray(sfpjax.broadness_index(jnp.asarray(broad.max(0)), refs)).tolist(),
             }
@@ -209,15 +219,19 @@ def write_report(config: Config, results: dict) -> None:
              f"{config.seeds} seeds per prior, mean +- sd over seeds; 'peak' is the largest value over the "
              f"fine-tuning trajectory (every {config.eval_every} steps). Exact references: the pretrained world, "
              "the ideal narrow learner (leaf prior refit within the fine-tuning domains) and the ideal persona "
-             "learner (persona marginal moved, domain prior kept). Broadness 0 = narrow learner, 1 = persona learner.",
+             "learner (persona marginal moved, domain prior kept), as exact leaf posteriors (the long-continuation limit) and "
+             "as the disposition classifier's rates on the exact processes' own continuations of the model's length "
+             "(the like-for-like comparison: short continuations without a marker are ambiguous, ties split). "
+             "Broadness 0 = narrow learner, 1 = persona learner (exact references).",
              "", "Config:", "", "```", config_json(config), "```", ""]
     for prior, entry in results["priors"].items():
         lines += [f"## Prior: {prior}", "", f"prior over leaves (rows A, M; columns D, O): {entry['prior']}", "",
                   f"pretraining: final loss {np.round(entry['pretrain']['final_loss'], 4).tolist()}, "
                   f"excess over the exact floor {entry['pretrain']['excess_pct']} %", "",
                   "| condition | broad end | broad peak | narrow end | flip end | coherence end (nats/tok) | "
-                  "impossible end | broadness end | ref broad: pretrained / narrow / persona |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "impossible end | broadness end | ref broad: pretrained / narrow / persona (exact) | "
+                  "same, classifier on exact continuations |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, c in entry["conditions"].items():
             t = c["trajectory"]
 
@@ -232,7 +246,9 @@ def write_report(config: Config, results: dict) -> None:
             lines.append(
                 f"| {name} | {ms('broad')} | {pm:.3f} +- {ps:.3f} | {ms('narrow')} | {ms('flip')} | "
                 f"{ms('coherence_deficit')} | {ms('impossible_rate')} | {bm:.2f} +- {bs:.2f} | "
-                f"{r['pretrained']['broad']:.3f} / {r['narrow']['broad']:.3f} / {r['persona']['broad']:.3f} |")
+                f"{r['pretrained']['broad']:.3f} / {r['narrow']['broad']:.3f} / {r['persona']['broad']:.3f} | "
+                + " / ".join(f"{c['sampled_references'][k]['broad']:.3f}" for k in ("pretrained", "narrow", "persona"))
+                + " |")
         lines.append("")
     lines += [f"Wall time: {results['wall_s']:.1f} s.", ""]
     with open(os.path.join(config.out, "report.md"), "w") as f:

@@ -105,3 +105,4 @@ from ._steering_methods import belief_sector as belief_sector
 from ._steering_methods import factor_swap_symmetric as factor_swap_symmetric
 from ._steering_methods import steering_vectors as steering_vectors
 from ._steering_methods import synchronized_classes as synchronized_classes
+from ._em import sampled_em_rates as sampled_em_rates

@@ -22,7 +22,9 @@ is measured against the exact process:
   ``glitch`` a symbol is replaced by a uniform one) so that a token impossible under a leaf
   costs at most ``log(V / glitch)`` nats. The best-explaining leaf is the disposition.
 * **Rates** (``EMRates``) from the disposition shares ``r[d, l]`` after prompts of domain
-  ``d``: broad EM = ``r[d, (M, d)]`` averaged over ``d != D``; narrow = ``r[D, (M, D)]``;
+  ``d`` (a continuation whose best score is tied between leaves counts ``1/k`` for each of
+  the ``k`` tied leaves; ``sampled_em_rates`` gives the exact process's rates under the same
+  classifier and continuation length): broad EM = ``r[d, (M, d)]`` averaged over ``d != D``; narrow = ``r[D, (M, D)]``;
   domain flip = share whose leaf's domain differs from the prompt's, averaged over ``d``;
   aligned share = share whose persona is ``A``, averaged over ``d``.
 * **Coherence deficit**: ``(log p_model(c | prompt) - max_l log Pr_l^glitch(c)) / length``
@@ -72,6 +74,7 @@ __all__ = [
     "dispositions",
     "EMRates",
     "em_rates",
+    "sampled_em_rates",
     "exact_em_rates",
     "EMMetrics",
     "em_metrics",
@@ -317,6 +320,39 @@ def dispositions(
     return Dispositions(jnp.argmax(scores, -1), scores, impossible)
 
 
+def _disposition_shares(log_probs: Array) -> Array:
+    """One-hot of the best leaf, split equally among leaves that tie for best."""
+    best = log_probs >= log_probs.max(-1, keepdims=True)
+    return best.astype(log_probs.dtype) / best.sum(-1, keepdims=True).astype(log_probs.dtype)
+
+
+def sampled_em_rates(
+    world: PersonaWorld, prompts: EvalPrompts, *, key: PRNGKeyArray, length: int, glitch: float = 1e-3
+) -> EMRates:
+    """The rates the disposition classifier gives to the exact process's own continuations.
+
+    Each prompt is continued for ``length`` tokens from the world's exact belief after it
+    (one continuation per prompt) and classified by ``dispositions``, exactly as a model's
+    continuations are in ``em_metrics``. Short continuations often carry no marker, so
+    their disposition is ambiguous; this is the like-for-like reference for a model at the
+    same ``length`` (``exact_em_rates`` is its long-continuation limit).
+
+    >>> import jax.random as jr, sfpjax
+    >>> w = sfpjax.persona_world()
+    >>> pr = sfpjax.eval_prompts(w, key=jr.key(0), n=8, length=6)
+    >>> sfpjax.sampled_em_rates(w, pr, key=jr.key(1), length=10).rates.shape
+    (2, 4)
+    """
+    _check_world(world)
+    toks = prompts.tokens
+    nD, n, P = toks.shape
+    flat = toks.reshape(nD * n, P)
+    eta = filter_beliefs(world.process, flat).beliefs[:, -1, :]
+    cont = sample(world.process, key=key, batch_size=nD * n, seq_len=int(length), initial=eta)
+    disp = dispositions(world, cont, glitch=glitch)
+    return em_rates(world, _disposition_shares(disp.log_probs).reshape(nD, n, -1).mean(1))
+
+
 class EMRates(NamedTuple):
     """EM rates from leaf shares ``rates[d, l]`` after prompts of domain ``d``."""
 
@@ -407,8 +443,7 @@ def em_metrics(
     best = disp.log_probs.max(-1)
     deficit = ((lp.astype(best.dtype) - best) / length).mean()
     leaf = disp.leaf.reshape(nD, n)
-    nL = world.n_persona * world.n_domain
-    rates = jax.nn.one_hot(leaf, nL, dtype=world.process.dtype).mean(1)
+    rates = _disposition_shares(disp.log_probs).reshape(nD, n, -1).mean(1)
     return EMMetrics(
         rates=em_rates(world, rates),
         log_odds=persona_log_odds(model, world, prompts),
