@@ -10,8 +10,8 @@ labelled by their exact beliefs (``sfpjax.persona_traits``). Then every perturba
 below is fine-tuned with rank-r LoRA for 3 seeds, all runs stacked into one compiled
 program, with a checkpoint every ``every`` steps. At every checkpoint the broad EM rate
 (share of continuations after other-domain prompts that the exact leaf classifier assigns
-to the misaligned persona), minus the pretraining world's exact rate after the same
-prompts, is the label, and the drift of the mean activation along the
+to the misaligned persona), minus the pretraining world's rate after the same prompts
+measured like for like (``sfpjax.sampled_em_rates``), is the label, and the drift of the mean activation along the
 traits is the feature vector. The monitor is a random forest selected by
 leave-one-perturbation-out CV on the calibration types and scored on the held-out types,
 beside the baselines (|PC1|, activation norm, PCA-7, top-7 SAE persona latents, 7 random
@@ -87,6 +87,7 @@ class Config:
     n_prompts: int = 256
     prompt_len: int = 6
     cont_len: int = 10
+    reference_draws: int = 16
     threshold: float = 0.05
     sae_latents: int = 128
     sae_k: int = 8
@@ -99,7 +100,7 @@ PRESETS = {
     "tiny": dict(out="runs/trait_monitoring_tiny", d_model=16, n_layers=1, d_mlp=32, seq_len=8,
                  pretrain_steps=100, site="blocks.0.hook_resid_post", trait_contexts=256, lora_rank=1,
                  finetune_steps=10, every=5, finetune_pool=64, seeds=2, n_prompts=8, prompt_len=4,
-                 cont_len=4, sae_latents=32, sae_k=4, sae_steps=30, n_estimators=10),
+                 cont_len=4, reference_draws=2, sae_latents=32, sae_k=4, sae_steps=30, n_estimators=10),
 }
 
 
@@ -213,9 +214,13 @@ def main(argv=None):
     directions = sfpjax.trait_directions(acts_traits, traits)
 
     prompts = sfpjax.eval_prompts(world, key=prompt_key, n=config.n_prompts, length=config.prompt_len)
-    # The label is the excess of the broad EM rate over the pretraining world's own exact rate
-    # after the same prompts: what fine-tuning added, not what the prior already holds.
-    em_reference = float(sfpjax.exact_em_rates(world, prompts).broad)
+    # The label is the excess of the broad EM rate over the pretraining world's own rate after
+    # the same prompts, measured like for like (the same classifier on the exact process's own
+    # continuations of the same length, averaged over draws): what fine-tuning added, not what
+    # the prior or short, marker-free continuations already hold.
+    ref_keys = jr.split(jr.fold_in(prompt_key, 1), config.reference_draws)
+    em_reference = float(jnp.mean(jax.vmap(
+        lambda k: sfpjax.sampled_em_rates(world, prompts, key=k, length=config.cont_len).broad)(ref_keys)))
     steps, broad, h = run_finetunes(config, world, base, prompts, ft_key)
     em = np.maximum(broad - em_reference, 0.0)
     names = [n for n in PERTURBATIONS for _ in range(config.seeds)]
@@ -336,7 +341,9 @@ def write_report(config, results):
         f"every {config.every}. Label: excess EM rate > {config.threshold}, where the excess EM rate is the "
         f"broad EM rate (share of the model's continuations after other-domain prompts that the exact leaf "
         f"classifier assigns to the misaligned persona) minus the pretraining world's exact rate after the same "
-        f"prompts ({results['em_reference']:.3f}), floored at 0. Site `{config.site}`.",
+        f"prompts, measured like for like ({results['em_reference']:.3f}: the same classifier on the exact "
+        f"process's own continuations of the same length, mean of {config.reference_draws} draws), floored at 0. "
+        f"Site `{config.site}`.",
         "",
         f"PC1 of the final-checkpoint trait drift of the calibration runs explains "
         f"{100 * results['pc1_explained']:.1f}% of its variance (seed 004: 65.5%).",
