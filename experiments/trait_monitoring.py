@@ -11,8 +11,8 @@ below is fine-tuned with rank-r LoRA for 3 seeds, all runs stacked into one comp
 program, with a checkpoint every ``every`` steps. At every checkpoint the broad EM rate
 (share of continuations after other-domain prompts that the exact leaf classifier assigns
 to the misaligned persona), minus the pretraining world's rate after the same prompts
-measured like for like (``sfpjax.sampled_em_rates``), is the label, and the drift of the mean activation along the
-traits is the feature vector. The monitor is a random forest selected by
+measured like for like (``sfpjax.sampled_em_rates``), is the label, and the drift of the
+mean activation along the traits is the feature vector. The monitor is a random forest selected by
 leave-one-perturbation-out CV on the calibration types and scored on the held-out types,
 beside the baselines (|PC1|, activation norm, PCA-7, top-7 SAE persona latents, 7 random
 directions) under the same protocol.
