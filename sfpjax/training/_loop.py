@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -27,12 +26,12 @@ import optax
 from jaxtyping import Array, Int, Key, PRNGKeyArray, UInt32
 
 from ..processes._ghmm import GHMM, validate_ghmm
-from ._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from ._checkpoint import restore_checkpoint, save_checkpoint
 from ._config import TrainConfig, optimizer_and_schedule
 from ._data import ArraySource, ProcessSource, as_source
 from ._loss import evaluate_sample, loss_floor
 from ._protocol import SequenceModel, check_model
-from ._rundir import MetricsLog, fingerprint, key_data, read_rows, to_json, write_rows
+from ._rundir import MetricsLog, fingerprint, key_data, open_run_dir, read_rows, to_json, write_rows
 from ._step import init_opt_state, make_step
 
 __all__ = ["TrainResult", "train", "train_stack"]
@@ -153,15 +152,7 @@ def run_training(
     rows: list[dict] = []
     metrics_path = None
     if run_dir is not None:
-        run_dir = Path(run_dir).expanduser()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = run_dir / "metrics.jsonl"
-        last = latest_checkpoint(run_dir)
-        if last is not None and not resume:
-            raise ValueError(
-                f"{run_dir} already holds checkpoints (latest step {last}); pass resume=True to "
-                "continue that run, or choose a new run_dir (existing checkpoints are never overwritten)."
-            )
+        run_dir, metrics_path, last = open_run_dir(run_dir, resume)
         if resume and last is not None:
             ck = restore_checkpoint(
                 run_dir, model, opt_state, model_config, cfg, ignore_fields=TrainConfig.resumable_fields()

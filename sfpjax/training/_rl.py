@@ -36,7 +36,6 @@ import json
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -45,15 +44,15 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jaxtyping import Array, ArrayLike, Float, Int, Key, PRNGKeyArray, PyTree, UInt32
+from jaxtyping import Array, ArrayLike, Float, Int, Key, PRNGKeyArray, UInt32
 
 from ..inference._filter import filter_beliefs
 from ..inference._sampling import sample
 from ..model._generate import completion_log_probs, sample_completions
 from ..processes._ghmm import GHMM, is_hmm
 from .._io import sha256_tree
-from ._rundir import key_data, to_json
-from ._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from ._rundir import key_data, open_run_dir, to_json
+from ._checkpoint import restore_checkpoint, save_checkpoint
 from ._step import init_opt_state, trainable_mask
 
 __all__ = [
@@ -507,15 +506,7 @@ def _run(model, reference, prompts, reward, cfg, *, key, kl_weight, optimizer, t
         model_config = None
     start, rows, metrics_path = 0, [], None
     if run_dir is not None:
-        run_dir = Path(run_dir).expanduser()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = run_dir / "metrics.jsonl"
-        last = latest_checkpoint(run_dir)
-        if last is not None and not resume:
-            raise ValueError(
-                f"{run_dir} already holds checkpoints (latest step {last}); pass resume=True to "
-                "continue that run, or choose a new run_dir (existing checkpoints are never overwritten)."
-            )
+        run_dir, metrics_path, last = open_run_dir(run_dir, resume)
         if resume and last is not None:
             ck = restore_checkpoint(run_dir, model, opt_state, model_config, cfg, ignore_fields=_BOOKKEEPING)
             if not np.array_equal(key_data(ck.key), key_data(key)):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_write, key_parts, sha256_tree
+from ._checkpoint import latest_checkpoint
 
 __all__: list[str] = []
 
@@ -88,3 +89,18 @@ class MetricsLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def open_run_dir(run_dir, resume: bool) -> tuple[Path, Path, int | None]:
+    """``(run_dir, its metrics.jsonl path, latest checkpoint step or None)``, creating the
+    folder. A folder that already holds checkpoints is refused unless ``resume``: existing
+    checkpoints are never overwritten."""
+    run_dir = Path(run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = latest_checkpoint(run_dir)
+    if last is not None and not resume:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints (latest step {last}); pass resume=True to "
+            "continue that run, or choose a new run_dir (existing checkpoints are never overwritten)."
+        )
+    return run_dir, run_dir / "metrics.jsonl", last
