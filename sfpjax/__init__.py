@@ -83,6 +83,7 @@ from .model import generate as generate
 from .model import sample_completions as sample_completions
 # Training
 from .training import ArraySource as ArraySource
+from .training import ConditionalSource as ConditionalSource
 from .training import ProcessSource as ProcessSource
 from .training import as_source as as_source
 from .training import persona_sequences as persona_sequences

@@ -8,6 +8,10 @@ Alignment of losses with the process (the model module fixes the belief alignmen
 * with BOS, position ``t`` has read ``x_1 .. x_t`` and predicts ``x_{t+1}``, so all ``L``
   positions are scored and the floor at ``t`` is ``myopic_entropies[t]``.
 
+A conditional factored process (``sfpjax.ConditionalProcess``) is accepted wherever a GHMM
+is (``loss_floor``, ``evaluate``): its floor is ``sfpjax.myopic_entropies_conditional``,
+which follows the factor states, so it is exact for every coupling, GHMM or not.
+
 The excess loss ``loss - floor`` (in nats, and in % of the floor) is how far a model is from
 the Bayes-optimal predictor; it is what the training log reports.
 """
@@ -22,9 +26,11 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ..inference._conditional import filter_conditional, myopic_entropies_conditional, sample_conditional
 from ..inference._filter import filter_beliefs, next_token_probs
 from ..inference._mixed_state import myopic_entropies
 from ..inference._sampling import sample
+from ..processes._conditional import ConditionalProcess
 from ..processes._ghmm import GHMM
 from .._numerics import entropy as _entropy
 from ._protocol import SequenceModel, check_model
@@ -80,8 +86,36 @@ def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Ar
     return per_position_loss(model, tokens).mean()
 
 
+def _draw(process, key, batch_size: int, seq_len: int):
+    if isinstance(process, ConditionalProcess):
+        return sample_conditional(process, key=key, batch_size=batch_size, seq_len=seq_len)
+    return sample(process, key=key, batch_size=batch_size, seq_len=seq_len)
+
+
+def _vocab_size(process) -> int:
+    if isinstance(process, ConditionalProcess):
+        return process.vocab_size
+    if isinstance(process, GHMM):
+        return int(process.T.shape[-3])
+    raise ValueError(
+        f"expected a sfpjax.GHMM or a sfpjax.ConditionalProcess, got {type(process).__name__}."
+    )
+
+
+def _sampled_next_entropies(process, key, num_samples: int, depth: int):
+    """``H[P(. | x_1..x_n)]`` averaged over sampled contexts, for ``n = 1..depth``."""
+    tokens = _draw(process, key, num_samples, depth)
+    if isinstance(process, ConditionalProcess):
+        states = filter_conditional(process, tokens).factor_beliefs  # per factor (N, depth, d_i)
+        probs = jax.vmap(jax.vmap(lambda *etas: process.observation_probs(etas)))(*states)
+    else:
+        beliefs = filter_beliefs(process, tokens).beliefs  # belief after x_1..x_{n}, n = 1..depth
+        probs = next_token_probs(process, beliefs)
+    return _entropy(probs).mean(0)
+
+
 def loss_floor(
-    process: GHMM,
+    process: GHMM | ConditionalProcess,
     seq_len: int,
     *,
     use_bos: bool,
@@ -97,6 +131,13 @@ def loss_floor(
     estimated as the mean entropy of the exact next-token law ``<<eta(w)|T(x)|1>>`` over
     ``num_samples`` sampled contexts ``w`` (this needs ``key``).
 
+    Args:
+        process: a GHMM (``myopic_entropies``), or a ``ConditionalProcess`` (its myopic
+            entropies by ``myopic_entropies_conditional``, exact for every coupling; for one
+            with a ``joint_ghmm`` the floor equals that GHMM's).
+        seq_len: ``L``, the training sequence length.
+        use_bos: whether the model reads a BOS token (the alignment above).
+
     >>> import sfpjax
     >>> [round(float(v), 4) for v in sfpjax.loss_floor(sfpjax.coin(), 4, use_bos=False)]
     [0.6931, 0.6931, 0.6931]
@@ -109,11 +150,14 @@ def loss_floor(
         )
     first = 0 if use_bos else 1
     depth = seq_len - 1
-    V = int(process.T.shape[-3])
+    V = _vocab_size(process)
     exact_depth = depth
     while exact_depth > 0 and V**exact_depth > max_exact_words:
         exact_depth -= 1
-    exact = myopic_entropies(process, exact_depth)
+    if isinstance(process, ConditionalProcess):
+        exact = myopic_entropies_conditional(process, exact_depth)
+    else:
+        exact = myopic_entropies(process, exact_depth)
     if exact_depth == depth:
         return exact[first:]
     if key is None:
@@ -122,9 +166,7 @@ def loss_floor(
             f"max_exact_words={max_exact_words}); pass key= to estimate the deeper positions "
             "from sampled contexts, or raise max_exact_words."
         )
-    tokens = sample(process, key=key, batch_size=num_samples, seq_len=depth)
-    beliefs = filter_beliefs(process, tokens).beliefs  # belief after x_1..x_{n}, n = 1..depth
-    est = _entropy(next_token_probs(process, beliefs)).mean(0)  # H(X_{n+1} | X_{1:n})
+    est = _sampled_next_entropies(process, key, int(num_samples), depth)  # H(X_{n+1} | X_{1:n})
     full = jnp.concatenate([exact, est[exact_depth:].astype(exact.dtype)])
     return full[first:]
 
@@ -159,7 +201,7 @@ def _pct(excess, floor):
 
 def evaluate_sample(model, process, key, floor, batch_size: int, seq_len: int) -> EvalResult:
     """The evaluation of one model on a fresh sample drawn with ``key`` (traceable; the loop vmaps it)."""
-    tokens = sample(process, key=key, batch_size=batch_size, seq_len=seq_len)
+    tokens = _draw(process, key, batch_size, seq_len)
     loss = per_position_loss(model, tokens).mean(0)
     dtype = jnp.promote_types(loss.dtype, floor.dtype)
     loss, floor = loss.astype(dtype), floor.astype(dtype)
@@ -179,7 +221,7 @@ def evaluate_sample(model, process, key, floor, batch_size: int, seq_len: int) -
 
 def evaluate(
     model: SequenceModel,
-    process: GHMM,
+    process: GHMM | ConditionalProcess,
     *,
     key: PRNGKeyArray,
     batch_size: int,
@@ -190,7 +232,7 @@ def evaluate(
 
     Args:
         model: a single model (``eqx.filter_vmap`` this function over a stack).
-        process: the process the sequences are drawn from.
+        process: the process the sequences are drawn from (a GHMM or a ``ConditionalProcess``).
         key: PRNG key for the sample (and for the floor, if it must be estimated).
         batch_size, seq_len: the evaluation sample.
         floor: a precomputed :func:`loss_floor` (saves recomputing it at every evaluation).
@@ -203,6 +245,7 @@ def evaluate(
     ((7,), (7,))
     """
     check_model(model)
+    _vocab_size(process)
     sample_key, floor_key = jr.split(key)
     if floor is None:
         floor = loss_floor(process, seq_len, use_bos=model.config.use_bos, key=floor_key)
