@@ -1,5 +1,6 @@
 """Conditional factored processes: conformance vectors of the public spec, brute-force oracles."""
 
+import dataclasses
 import itertools
 import math
 
@@ -570,15 +571,13 @@ def test_train_on_a_sequential_chain():
     chain = mess3_chain(dtype=jnp.float32)
     cfg = sfpjax.TransformerConfig(vocab_size=9, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
     model = sfpjax.Transformer(cfg, key=jr.key(0))
-    tc = sfpjax.TrainConfig(steps=4, batch_size=8, seq_len=5, eval_every=4, eval_batch_size=32, log_every=2)
+    tc = sfpjax.TrainConfig(steps=2, batch_size=8, seq_len=5, eval_every=2, eval_batch_size=16, log_every=1)
     out = sfpjax.train(model, chain, tc, key=jr.key(1), progress=False)
     last = out.history[-1]
-    assert last["step"] == 4 and np.isfinite(last["loss"]) and np.isfinite(last["excess"])
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and np.isfinite(last["excess"])
     floor = sfpjax.myopic_entropies_conditional(mess3_chain(), 4)[1:]
     np.testing.assert_allclose(last["floor"], float(floor.mean()), rtol=1e-5)
     assert not np.array_equal(np.asarray(out.model.W_U), np.asarray(model.W_U))
-    ev = sfpjax.evaluate(out.model, chain, key=jr.key(2), batch_size=32, seq_len=5)
-    np.testing.assert_allclose(ev.floor, floor, rtol=1e-5)
 
 
 def test_train_a_stack_on_a_shared_and_a_stacked_chain():
@@ -591,7 +590,7 @@ def test_train_a_stack_on_a_shared_and_a_stacked_chain():
                                  keys=keys, progress=False)
     floors = [float(sfpjax.myopic_entropies_conditional(mess3_chain(a), 3)[1:].mean()) for a in (0.1, 0.35)]
     np.testing.assert_allclose(stacked.history[-1]["floor"], floors, rtol=1e-5)
+    tc = dataclasses.replace(tc, eval_every=0)
     shared = sfpjax.train_stack(models, mess3_chain(0.35, jnp.float32), tc, keys=keys, progress=False)
-    np.testing.assert_allclose(shared.history[-1]["floor"], [floors[1]] * 2, rtol=1e-5)
     # Model 1 of the stacked run trained on the same process with the same key as in the shared run.
     np.testing.assert_allclose(np.asarray(stacked.model.W_U[1]), np.asarray(shared.model.W_U[1]), atol=1e-6)
