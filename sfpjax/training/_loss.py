@@ -24,6 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..inference._conditional import filter_conditional, myopic_entropies_conditional, sample_conditional
@@ -46,35 +47,65 @@ def _check_batch(tokens) -> None:
         )
 
 
+def _check_pad(pad) -> None:
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0):
+        raise ValueError(f"pad must be a non-negative int token id (SequenceLayout.pad) or None; got {pad!r}.")
+
+
+def _targets(model: SequenceModel, tokens):
+    """Logits of the scored positions and the tokens they predict (the module's alignment)."""
+    check_model(model)
+    _check_batch(tokens)
+    logits = model.batched(tokens)
+    if model.config.use_bos:
+        return logits[:, :-1], tokens
+    if tokens.shape[1] < 2:
+        raise ValueError("without BOS a sequence needs at least 2 tokens to score a prediction.")
+    return logits[:, :-1], tokens[:, 1:]
+
+
 @eqx.filter_jit
-def per_position_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Array, "B P"]:
+def per_position_loss(
+    model: SequenceModel, tokens: Int[Array, "B L"], *, pad: int | None = None
+) -> Float[Array, "B P"]:
     """Cross-entropy ``-log q(x_next | context)`` of every scored position of every sequence.
 
     ``P = L - 1`` without BOS (position ``t`` predicts ``tokens[:, t + 1]``) and ``P = L``
     with BOS (position ``t`` predicts ``tokens[:, t]``); see the module docstring.
+
+    Args:
+        model: a single model.
+        tokens: ``(B, L)`` token ids.
+        pad: the PAD id of a :class:`sfpjax.SequenceLayout` (or ``None``): a position whose
+            target is PAD is not scored, its entry is 0 (as ``ignore_index`` does
+            elsewhere). The scored positions are ``targets != pad``; with ``eos == pad``
+            the EOS target is left out too.
 
     >>> import jax.numpy as jnp, jax.random as jr, sfpjax
     >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
     >>> model = sfpjax.Transformer(cfg, key=jr.key(0))
     >>> sfpjax.per_position_loss(model, jnp.zeros((2, 5), jnp.int32)).shape
     (2, 4)
+    >>> loss = sfpjax.per_position_loss(model, jnp.array([[0, 1, 2, 2]]), pad=2)
+    >>> (loss[0] == 0).tolist()  # the targets of positions 1 and 2 are PAD
+    [False, True, True]
     """
-    check_model(model)
-    _check_batch(tokens)
-    logits = model.batched(tokens)
-    if model.config.use_bos:
-        logits, targets = logits[:, :-1], tokens
-    else:
-        if tokens.shape[1] < 2:
-            raise ValueError("without BOS a sequence needs at least 2 tokens to score a prediction.")
-        logits, targets = logits[:, :-1], tokens[:, 1:]
+    _check_pad(pad)
+    logits, targets = _targets(model, tokens)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if pad is None:
+        return nll
+    return jnp.where(targets != pad, nll, 0)
 
 
 @eqx.filter_jit
-def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Array, ""]:
+def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"], *, pad: int | None = None) -> Float[Array, ""]:
     """Mean next-token cross-entropy in nats over all scored positions of a batch.
+
+    With ``pad``, the mean over the positions whose target is not PAD (0 if there are
+    none), so trailing padding neither dilutes nor steers the loss: train on padded rows
+    with ``make_step(..., loss_fn=functools.partial(sfpjax.next_token_loss, pad=PAD))``.
 
     >>> import math, jax.numpy as jnp, jax.random as jr, sfpjax
     >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
@@ -83,7 +114,12 @@ def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Ar
     >>> abs(float(loss) - math.log(3)) < 0.2  # near-uniform predictions at initialization
     True
     """
-    return per_position_loss(model, tokens).mean()
+    losses = per_position_loss(model, tokens, pad=pad)
+    if pad is None:
+        return losses.mean()
+    targets = tokens if model.config.use_bos else tokens[:, 1:]
+    scored = (targets != pad).sum()
+    return losses.sum() / jnp.maximum(scored, 1).astype(losses.dtype)
 
 
 def _draw(process, key, batch_size: int, seq_len: int):
