@@ -212,6 +212,6 @@ def as_source(
     if isinstance(data, (jax.Array, np.ndarray)):
         return ArraySource(data)
     raise ValueError(
-        f"expected a GHMM, a ConditionalProcess, a token array (num_sequences, length), a ProcessSource, "
+        f"expected a GHMM, a token array (num_sequences, length), a ConditionalProcess, a ProcessSource, "
         f"a ConditionalSource or an ArraySource as the data source, got {type(data).__name__}."
     )
