@@ -83,6 +83,7 @@ from .model import SteeredTransformer as SteeredTransformer
 from .model import lora_target_names as lora_target_names
 # Training
 from .training import ArraySource as ArraySource
+from .training import ConditionalSource as ConditionalSource
 from .training import ProcessSource as ProcessSource
 from .training import as_source as as_source
 from .training import persona_sequences as persona_sequences

@@ -1,5 +1,6 @@
 """Conditional factored processes: conformance vectors of the public spec, brute-force oracles."""
 
+import dataclasses
 import itertools
 import math
 
@@ -508,3 +509,88 @@ def test_different_rights_per_variant_use_their_own_gauge():
     res = sfpjax.filter_conditional(p, words)
     for w, lp in zip(words, np.asarray(res.log_prob)):
         np.testing.assert_allclose(np.exp(lp), spec.word(w)[0], rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Training on conditional processes: the data source and the loss floor.
+
+
+def mess3_chain(a=0.15, dtype=F64):
+    """Factor 1 (mess3) picks its variant from factor 0's token: a GHMM coupling."""
+    return sfpjax.sequential_chain(
+        [sfpjax.mess3(a, 0.7, dtype=dtype), [sfpjax.mess3(0.1, 0.6, dtype=dtype), sfpjax.mess3(0.3, 0.8, dtype=dtype)]],
+        [None, [0, 1, 1]], eta0=[None, jnp.ones(3, dtype) / 3])
+
+
+def test_conditional_source_draws_the_process_law_and_vmaps(getkey):
+    chain = mess3_chain()
+    src = sfpjax.as_source(chain)
+    assert isinstance(src, sfpjax.ConditionalSource) and src.vocab_size == 9 and not src.stacked
+    key = getkey()
+    np.testing.assert_array_equal(src.batch(key, 4, 6),
+                                  sfpjax.sample_conditional(chain, key=key, batch_size=4, seq_len=6))
+    # A stack of sources, one process per model, vmaps like a stack of ProcessSources.
+    alphas = jnp.array([0.1, 0.35], F64)
+    stack = sfpjax.ConditionalSource(eqx.filter_vmap(mess3_chain)(alphas))
+    assert stack.stacked and stack.vocab_size == 9
+    keys = jr.split(getkey(), 2)
+    drawn = eqx.filter_vmap(lambda s, k: s.batch(k, 4, 6))(stack, keys)
+    np.testing.assert_array_equal(drawn[1], sfpjax.sample_conditional(mess3_chain(0.35), key=keys[1],
+                                                                      batch_size=4, seq_len=6))
+    with pytest.raises(ValueError, match="vocab_size=9"):
+        src.check(4, 6)
+
+
+@pytest.mark.parametrize("use_bos", [False, True])
+def test_loss_floor_of_a_conditional_process_is_its_myopic_entropies(use_bos, getkey):
+    chain = mess3_chain()
+    L = 5
+    exact = sfpjax.myopic_entropies_conditional(chain, L - 1)
+    floor = sfpjax.loss_floor(chain, L, use_bos=use_bos)
+    np.testing.assert_allclose(floor, exact if use_bos else exact[1:], atol=1e-12)
+    # A GHMM coupling: the floor of its joint GHMM is the same.
+    np.testing.assert_allclose(floor, sfpjax.loss_floor(chain.joint_ghmm(), L, use_bos=use_bos), atol=1e-12)
+    # No GHMM at all (product of experts): the floor still follows the factor states.
+    parts = NONLINEAR["product_of_experts"][0]
+    poe = sfpjax.product_of_experts([to_factor(*f) for f in parts], [[0, 1], [2, 0]], eta0=[f[2] for f in parts])
+    spec = Spec([f[0] for f in parts], [f[1] for f in parts], [f[2] for f in parts], [(1,), (0,)],
+                [[0, 1], [2, 0]], [(1,), (0,)], [[0, 1], [2, 0]], True)
+    ref = spec.myopic(3)
+    np.testing.assert_allclose(sfpjax.loss_floor(poe, 4, use_bos=use_bos), ref if use_bos else ref[1:], atol=1e-10)
+    # Past max_exact_words the deeper positions are estimated from sampled contexts.
+    est = sfpjax.loss_floor(chain, L, use_bos=use_bos, key=getkey(), num_samples=4096, max_exact_words=81)
+    n_exact = 3 if use_bos else 2
+    np.testing.assert_allclose(est[:n_exact], floor[:n_exact], atol=1e-12)
+    np.testing.assert_allclose(est[n_exact:], floor[n_exact:], atol=0.02)
+    assert not np.allclose(est[n_exact:], floor[n_exact:], atol=1e-9)  # sampled, not enumerated
+    with pytest.raises(ValueError, match="pass key="):
+        sfpjax.loss_floor(chain, L, use_bos=use_bos, max_exact_words=81)
+
+
+def test_train_on_a_sequential_chain():
+    chain = mess3_chain(dtype=jnp.float32)
+    cfg = sfpjax.TransformerConfig(vocab_size=9, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
+    model = sfpjax.Transformer(cfg, key=jr.key(0))
+    tc = sfpjax.TrainConfig(steps=2, batch_size=8, seq_len=5, eval_every=2, eval_batch_size=16, log_every=1)
+    out = sfpjax.train(model, chain, tc, key=jr.key(1), progress=False)
+    last = out.history[-1]
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and np.isfinite(last["excess"])
+    floor = sfpjax.myopic_entropies_conditional(mess3_chain(), 4)[1:]
+    np.testing.assert_allclose(last["floor"], float(floor.mean()), rtol=1e-5)
+    assert not np.array_equal(np.asarray(out.model.W_U), np.asarray(model.W_U))
+
+
+def test_train_a_stack_on_a_shared_and_a_stacked_chain():
+    cfg = sfpjax.TransformerConfig(vocab_size=9, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
+    models = eqx.filter_vmap(lambda k: sfpjax.Transformer(cfg, key=k))(jr.split(jr.key(0), 2))
+    tc = sfpjax.TrainConfig(steps=2, batch_size=8, seq_len=4, eval_every=2, eval_batch_size=16, log_every=1)
+    keys = jr.split(jr.key(1), 2)
+    alphas = jnp.array([0.1, 0.35], jnp.float32)
+    stacked = sfpjax.train_stack(models, eqx.filter_vmap(lambda a: mess3_chain(a, jnp.float32))(alphas), tc,
+                                 keys=keys, progress=False)
+    floors = [float(sfpjax.myopic_entropies_conditional(mess3_chain(a), 3)[1:].mean()) for a in (0.1, 0.35)]
+    np.testing.assert_allclose(stacked.history[-1]["floor"], floors, rtol=1e-5)
+    tc = dataclasses.replace(tc, eval_every=0)
+    shared = sfpjax.train_stack(models, mess3_chain(0.35, jnp.float32), tc, keys=keys, progress=False)
+    # Model 1 of the stacked run trained on the same process with the same key as in the shared run.
+    np.testing.assert_allclose(np.asarray(stacked.model.W_U[1]), np.asarray(shared.model.W_U[1]), atol=1e-6)

@@ -1,5 +1,8 @@
 """Sequence layout: frame tokens, aligned beliefs and loss floors."""
 
+import dataclasses
+
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,3 +111,37 @@ def test_layout_errors():
     with pytest.raises(Exception, match="initial"):  # the signature's shapes already disagree
         sfpjax.layout_beliefs(jnp.zeros((1, 2, 3)), jnp.zeros(2), sfpjax.SequenceLayout())
     assert sfpjax.SequenceLayout(bos=3, eos=7).vocab_size(3) == 8
+
+
+def test_pad_targets_are_not_scored(getkey):
+    lay = sfpjax.SequenceLayout(bos=3, eos=4, pad=5, total_len=9)
+    batch = sfpjax.sample_layout(sfpjax.mess3(), lay, key=getkey(), batch_size=4, body_len=5)
+    framed = batch.tokens  # 7 real positions, then 2 PAD
+    cfg = sfpjax.TransformerConfig(vocab_size=lay.vocab_size(3), n_ctx=9, n_layers=1, d_model=16, d_mlp=32)
+    model = sfpjax.Transformer(cfg, key=getkey())
+    full = sfpjax.per_position_loss(model, framed)
+    masked = sfpjax.per_position_loss(model, framed, pad=5)
+    is_pad = np.asarray(framed[:, 1:] == 5)
+    np.testing.assert_array_equal(np.asarray(masked)[is_pad], 0)
+    np.testing.assert_array_equal(np.asarray(masked)[~is_pad], np.asarray(full)[~is_pad])
+    # Trailing PAD changes nothing: the loss and its gradient are those of the unpadded rows.
+    real = framed[:, :7]
+    np.testing.assert_allclose(sfpjax.next_token_loss(model, framed, pad=5), sfpjax.next_token_loss(model, real),
+                               rtol=1e-6)
+    g_pad = eqx.filter_grad(lambda m: sfpjax.next_token_loss(m, framed, pad=5))(model)
+    g_real = eqx.filter_grad(lambda m: sfpjax.next_token_loss(m, real))(model)
+    np.testing.assert_allclose(g_pad.W_U, g_real.W_U, atol=1e-6)
+    # Rows padded differently: the mean over the scored positions of the whole batch.
+    ragged = jnp.array([[0, 1, 2, 5, 5, 5], [2, 2, 1, 0, 1, 5], [5, 5, 5, 5, 5, 5]], jnp.int32)
+    per = np.asarray(sfpjax.per_position_loss(model, ragged))
+    keep = np.asarray(ragged[:, 1:] != 5)
+    np.testing.assert_allclose(sfpjax.next_token_loss(model, ragged, pad=5), per[keep].mean(), rtol=1e-6)
+    assert float(sfpjax.next_token_loss(model, ragged[2:], pad=5)) == 0.0  # nothing scored
+    # With the model's own BOS every token is a target.
+    bos_model = sfpjax.Transformer(dataclasses.replace(cfg, use_bos=True), key=getkey())
+    out = sfpjax.per_position_loss(bos_model, ragged, pad=5)
+    assert out.shape == ragged.shape
+    np.testing.assert_array_equal(np.asarray(out)[np.asarray(ragged == 5)], 0)
+    assert np.all(np.asarray(out)[np.asarray(ragged != 5)] > 0)
+    with pytest.raises(ValueError, match="pad must be a non-negative int"):
+        sfpjax.next_token_loss(model, ragged, pad=-1)

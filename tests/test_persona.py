@@ -198,3 +198,43 @@ def test_a_coupled_leaf_replaces_its_kronecker_block():
         sfpjax.persona_world(leaf_processes={"MD": sfpjax.mess3(dtype=F64)}, dtype=F64)
     with pytest.raises(ValueError, match="unknown leaf"):
         sfpjax.persona_world(leaf_processes={"XX": coupled}, dtype=F64)
+
+
+def test_a_sequential_chain_coupling_drops_into_a_leaf():
+    """Leaf MD: the domain's variant is picked by the same step's persona symbol (M's marker
+    switches D to a jumpy variant). Brute force: the chain is a time-inhomogeneous product."""
+    prior = np.array([[0.4, 0.1], [0.2, 0.3]])
+    pm = sfpjax.marker_sector(2, 2, 1, dtype=F64)
+    qd = sfpjax.marker_sector(2, 2, 0, enter=0.3, dtype=F64)
+    qd_alert = sfpjax.marker_sector(2, 2, 0, enter=0.9, stay=0.2, dtype=F64)
+    switch = [0, 0, 0, 1]  # persona symbol 3 is M's marker
+    chain = sfpjax.sequential_chain([pm, [qd, qd_alert]], [None, switch], eta0=[None, qd.eta0])
+    base = sfpjax.persona_world(prior=prior, dtype=F64)
+    w = sfpjax.persona_world(prior=prior, dtype=F64, leaf_processes={"MD": chain.joint_ghmm()})
+    assert sfpjax.is_partition_preserving(w.process, w.sectors, factor_dims=w.factor_dims)
+    VQ = w.domain_vocab
+    Tq = [np.asarray(qd.T), np.asarray(qd_alert.T)]
+    per_p = word_probs(pm.T, pm.eta0, pm.right, 3)
+
+    def chain_prob(word):
+        wp, wq = [x // VQ for x in word], [x % VQ for x in word]
+        v = np.asarray(qd.eta0)
+        for xp, xq in zip(wp, wq):
+            v = v @ Tq[switch[xp]][xq]
+        return per_p[tuple(wp)] * v.sum()
+
+    got = word_probs(w.process.T, w.process.eta0, w.process.right, 3)
+    ref = word_probs(base.process.T, base.process.eta0, base.process.right, 3)
+    md = 1 * base.n_domain + 0
+    base_md = base.leaf_process("MD")
+    base_md = word_probs(base_md.T, base_md.eta0, base_md.right, 3)
+    moved = 0.0
+    for word, pr in got.items():
+        want = ref[word] + prior.reshape(-1)[md] * (chain_prob(word) - base_md[word])
+        assert pr == pytest.approx(want, abs=1e-13)
+        moved = max(moved, abs(chain_prob(word) - base_md[word]))
+    assert moved > 1e-3  # the coupling changes the leaf's law
+    # The world's exact tools see it: the filter of the world restricted to MD is the chain's.
+    words = jnp.asarray(list(itertools.product(range(w.vocab_size), repeat=2)))
+    np.testing.assert_allclose(sfpjax.filter_beliefs(w.restrict({"MD": 1.0}), words).log_prob,
+                               sfpjax.filter_conditional(chain, words).log_prob, atol=1e-12)

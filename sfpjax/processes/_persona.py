@@ -438,6 +438,28 @@ def persona_world(
     in the block-diagonal structure, the prior and every knob; the leak's redraw still acts
     on the persona part of the leaf's states.
 
+    Couplings (a dynamic persona-capability correlation, beside the static one of the
+    prior): a conditional factored process on the leaf's two sub-processes whose
+    ``joint_ghmm()`` exists drops in as ``leaf_processes={"MD": chain.joint_ghmm()}``.
+    Persona first, domain second: ``sequential_chain([P_M, [Q_D variants]], [None, map])``
+    (the domain's variant is picked by the same step's persona symbol), or
+    ``conditional_product``, or ``conditional_transitions`` whose selected variants emit
+    alike; its states ``P_M (x) Q_D`` and tokens ``x_P V_Q + x_Q`` are the leaf's order.
+    E.g. the domain behaves differently right after the misaligned persona's marker::
+
+        pm = sfpjax.marker_sector(2, 2, 1)                      # persona M (marker: symbol 3)
+        qd = sfpjax.marker_sector(2, 2, 0, enter=0.3)           # domain D as in the default world
+        qd_alert = sfpjax.marker_sector(2, 2, 0, enter=0.9)     # domain D after M's marker
+        chain = sfpjax.sequential_chain([pm, [qd, qd_alert]], [None, [0, 0, 0, 1]], eta0=[None, qd.eta0])
+        w = sfpjax.persona_world(leaf_processes={"MD": chain.joint_ghmm()})
+
+    Non-linear couplings are not supported: the product of experts (its normalizer
+    ``Z(eta)`` depends on the state) and conditional transitions whose transition variant
+    reweights states differently from the emission variant are in general no finite GHMM
+    (``joint_ghmm`` raises), while a persona world is one GHMM, block diagonal over leaves,
+    on which the beliefs, the mixed-state tools and the EM metrics rely. Study such a
+    coupling alone with ``sfpjax.filter_conditional`` and ``sfpjax.ConditionalSource``.
+
     Args:
         persona, domains: sector names (``n_P``, ``n_D`` of them).
         aligned, misaligned, finetune_domain: the sectors the EM metrics call aligned,

@@ -1,6 +1,7 @@
 """Training with Optax: data sources, configuration and optimizer, losses and evaluation, the step, the loop, Orbax checkpoints."""
 
 from ._data import ArraySource as ArraySource
+from ._data import ConditionalSource as ConditionalSource
 from ._data import ProcessSource as ProcessSource
 from ._data import as_source as as_source
 from ._protocol import ModelConfig as ModelConfig

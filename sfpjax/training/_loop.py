@@ -25,10 +25,11 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, Key, PRNGKeyArray, UInt32
 
+from ..processes._conditional import ConditionalProcess
 from ..processes._ghmm import GHMM, validate_ghmm
 from ._checkpoint import restore_checkpoint, save_checkpoint
 from ._config import TrainConfig, optimizer_and_schedule
-from ._data import ArraySource, ProcessSource, as_source
+from ._data import ArraySource, ConditionalSource, ProcessSource, as_source
 from ._loss import evaluate_sample, loss_floor
 from ._protocol import SequenceModel, check_model
 from ._rundir import MetricsLog, fingerprint, key_data, open_run_dir, read_rows, to_json, write_rows
@@ -83,11 +84,13 @@ def _check_inputs(model, cfg: TrainConfig, source) -> None:
 
 
 def _source_is_stacked(source) -> bool:
-    if isinstance(source, ProcessSource):
-        return source.process.T.ndim == 4
-    if isinstance(source, ArraySource):
-        return source.tokens.ndim == 3
-    return True
+    return getattr(source, "stacked", True)
+
+
+def _process_is_stacked(process) -> bool:
+    if isinstance(process, ConditionalProcess):
+        return process.token_to_tuple.ndim == 3
+    return process.T.ndim == 4
 
 
 def run_training(
@@ -101,7 +104,7 @@ def run_training(
     trainable=None,
     run_dir=None,
     resume: bool = False,
-    eval_process: GHMM | None = None,
+    eval_process: GHMM | ConditionalProcess | None = None,
     progress: bool = True,
     fingerprints: dict[str, str] | None = None,
 ) -> TrainResult:
@@ -118,11 +121,13 @@ def run_training(
     source = as_source(data)
     source_axis = 0 if runs.stacked and _source_is_stacked(source) else None
     _check_inputs(model, cfg, source)
-    if eval_process is None and isinstance(source, ProcessSource):
+    if eval_process is None and isinstance(source, (ProcessSource, ConditionalSource)):
         eval_process = source.process
-    if eval_process is not None and not isinstance(eval_process, GHMM):
-        raise ValueError(f"eval_process must be a sfpjax.GHMM, got {type(eval_process).__name__}.")
-    process_axis = 0 if runs.stacked and eval_process is not None and eval_process.T.ndim == 4 else None
+    if eval_process is not None and not isinstance(eval_process, (GHMM, ConditionalProcess)):
+        raise ValueError(
+            f"eval_process must be a sfpjax.GHMM or a sfpjax.ConditionalProcess, got {type(eval_process).__name__}."
+        )
+    process_axis = 0 if runs.stacked and eval_process is not None and _process_is_stacked(eval_process) else None
 
     schedule = None
     if optimizer is None:
@@ -260,7 +265,7 @@ def run_training(
 
 def train(
     model: SequenceModel,
-    data: GHMM | ProcessSource | ArraySource | Int[Array, "N L"],
+    data: GHMM | ConditionalProcess | ProcessSource | ConditionalSource | ArraySource | Int[Array, "N L"],
     cfg: TrainConfig,
     *,
     key: PRNGKeyArray,
@@ -268,7 +273,7 @@ def train(
     trainable=None,
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    eval_process: GHMM | None = None,
+    eval_process: GHMM | ConditionalProcess | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` on next-token cross-entropy, drawing a fresh batch every step.
@@ -276,8 +281,9 @@ def train(
     Args:
         model: a :class:`Transformer` (or any :class:`SequenceModel`), freshly initialized
             or pretrained (for fine-tuning methods see :func:`finetune`).
-        data: a process (fresh samples every step), a fixed token array ``(N, L_max)``
-            (random rows), or a :class:`ProcessSource` / :class:`ArraySource`.
+        data: a process, GHMM or ``ConditionalProcess`` (fresh samples every step), a fixed
+            token array ``(N, L_max)`` (random rows), or a :class:`ProcessSource` /
+            :class:`ConditionalSource` / :class:`ArraySource`.
         cfg: a :class:`TrainConfig`.
         key: PRNG key; the whole run is a function of it.
         optimizer: an Optax optimizer; default :func:`make_optimizer` of ``cfg`` (equal
@@ -331,7 +337,7 @@ def check_stack(models, keys) -> jax.Array:
 
 def train_stack(
     models: SequenceModel,
-    data: GHMM | ProcessSource | ArraySource | Int[Array, "... L"],
+    data: GHMM | ConditionalProcess | ProcessSource | ConditionalSource | ArraySource | Int[Array, "... L"],
     cfg: TrainConfig,
     *,
     keys: Key[Array, " K"] | UInt32[Array, "K 2"],
@@ -339,7 +345,7 @@ def train_stack(
     trainable=None,
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    eval_process: GHMM | None = None,
+    eval_process: GHMM | ConditionalProcess | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a stack of ``K`` models (one pytree, leading axis ``K``) in one compiled step.

@@ -8,6 +8,10 @@ Alignment of losses with the process (the model module fixes the belief alignmen
 * with BOS, position ``t`` has read ``x_1 .. x_t`` and predicts ``x_{t+1}``, so all ``L``
   positions are scored and the floor at ``t`` is ``myopic_entropies[t]``.
 
+A conditional factored process (``sfpjax.ConditionalProcess``) is accepted wherever a GHMM
+is (``loss_floor``, ``evaluate``): its floor is ``sfpjax.myopic_entropies_conditional``,
+which follows the factor states, so it is exact for every coupling, GHMM or not.
+
 The excess loss ``loss - floor`` (in nats, and in % of the floor) is how far a model is from
 the Bayes-optimal predictor; it is what the training log reports.
 """
@@ -20,11 +24,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ..inference._conditional import filter_conditional, myopic_entropies_conditional, sample_conditional
 from ..inference._filter import filter_beliefs, next_token_probs
 from ..inference._mixed_state import myopic_entropies
 from ..inference._sampling import sample
+from ..processes._conditional import ConditionalProcess
 from ..processes._ghmm import GHMM
 from .._numerics import entropy as _entropy
 from ._protocol import SequenceModel, check_model
@@ -40,35 +47,65 @@ def _check_batch(tokens) -> None:
         )
 
 
+def _check_pad(pad) -> None:
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0):
+        raise ValueError(f"pad must be a non-negative int token id (SequenceLayout.pad) or None; got {pad!r}.")
+
+
+def _targets(model: SequenceModel, tokens):
+    """Logits of the scored positions and the tokens they predict (the module's alignment)."""
+    check_model(model)
+    _check_batch(tokens)
+    logits = model.batched(tokens)
+    if model.config.use_bos:
+        return logits[:, :-1], tokens
+    if tokens.shape[1] < 2:
+        raise ValueError("without BOS a sequence needs at least 2 tokens to score a prediction.")
+    return logits[:, :-1], tokens[:, 1:]
+
+
 @eqx.filter_jit
-def per_position_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Array, "B P"]:
+def per_position_loss(
+    model: SequenceModel, tokens: Int[Array, "B L"], *, pad: int | None = None
+) -> Float[Array, "B P"]:
     """Cross-entropy ``-log q(x_next | context)`` of every scored position of every sequence.
 
     ``P = L - 1`` without BOS (position ``t`` predicts ``tokens[:, t + 1]``) and ``P = L``
     with BOS (position ``t`` predicts ``tokens[:, t]``); see the module docstring.
+
+    Args:
+        model: a single model.
+        tokens: ``(B, L)`` token ids.
+        pad: the PAD id of a :class:`sfpjax.SequenceLayout` (or ``None``): a position whose
+            target is PAD is not scored, its entry is 0 (as ``ignore_index`` does
+            elsewhere). The scored positions are ``targets != pad``; with ``eos == pad``
+            the EOS target is left out too.
 
     >>> import jax.numpy as jnp, jax.random as jr, sfpjax
     >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
     >>> model = sfpjax.Transformer(cfg, key=jr.key(0))
     >>> sfpjax.per_position_loss(model, jnp.zeros((2, 5), jnp.int32)).shape
     (2, 4)
+    >>> loss = sfpjax.per_position_loss(model, jnp.array([[0, 1, 2, 2]]), pad=2)
+    >>> (loss[0] == 0).tolist()  # the targets of positions 1 and 2 are PAD
+    [False, True, True]
     """
-    check_model(model)
-    _check_batch(tokens)
-    logits = model.batched(tokens)
-    if model.config.use_bos:
-        logits, targets = logits[:, :-1], tokens
-    else:
-        if tokens.shape[1] < 2:
-            raise ValueError("without BOS a sequence needs at least 2 tokens to score a prediction.")
-        logits, targets = logits[:, :-1], tokens[:, 1:]
+    _check_pad(pad)
+    logits, targets = _targets(model, tokens)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if pad is None:
+        return nll
+    return jnp.where(targets != pad, nll, 0)
 
 
 @eqx.filter_jit
-def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Array, ""]:
+def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"], *, pad: int | None = None) -> Float[Array, ""]:
     """Mean next-token cross-entropy in nats over all scored positions of a batch.
+
+    With ``pad``, the mean over the positions whose target is not PAD (0 if there are
+    none), so trailing padding neither dilutes nor steers the loss: train on padded rows
+    with ``make_step(..., loss_fn=functools.partial(sfpjax.next_token_loss, pad=PAD))``.
 
     >>> import math, jax.numpy as jnp, jax.random as jr, sfpjax
     >>> cfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=8, n_layers=1, d_model=16, d_mlp=32)
@@ -77,11 +114,44 @@ def next_token_loss(model: SequenceModel, tokens: Int[Array, "B L"]) -> Float[Ar
     >>> abs(float(loss) - math.log(3)) < 0.2  # near-uniform predictions at initialization
     True
     """
-    return per_position_loss(model, tokens).mean()
+    losses = per_position_loss(model, tokens, pad=pad)
+    if pad is None:
+        return losses.mean()
+    targets = tokens if model.config.use_bos else tokens[:, 1:]
+    scored = (targets != pad).sum()
+    return losses.sum() / jnp.maximum(scored, 1).astype(losses.dtype)
+
+
+def _draw(process, key, batch_size: int, seq_len: int):
+    if isinstance(process, ConditionalProcess):
+        return sample_conditional(process, key=key, batch_size=batch_size, seq_len=seq_len)
+    return sample(process, key=key, batch_size=batch_size, seq_len=seq_len)
+
+
+def _vocab_size(process) -> int:
+    if isinstance(process, ConditionalProcess):
+        return process.vocab_size
+    if isinstance(process, GHMM):
+        return int(process.T.shape[-3])
+    raise ValueError(
+        f"expected a sfpjax.GHMM or a sfpjax.ConditionalProcess, got {type(process).__name__}."
+    )
+
+
+def _sampled_next_entropies(process, key, num_samples: int, depth: int):
+    """``H[P(. | x_1..x_n)]`` averaged over sampled contexts, for ``n = 1..depth``."""
+    tokens = _draw(process, key, num_samples, depth)
+    if isinstance(process, ConditionalProcess):
+        states = filter_conditional(process, tokens).factor_beliefs  # per factor (N, depth, d_i)
+        probs = jax.vmap(jax.vmap(lambda *etas: process.observation_probs(etas)))(*states)
+    else:
+        beliefs = filter_beliefs(process, tokens).beliefs  # belief after x_1..x_{n}, n = 1..depth
+        probs = next_token_probs(process, beliefs)
+    return _entropy(probs).mean(0)
 
 
 def loss_floor(
-    process: GHMM,
+    process: GHMM | ConditionalProcess,
     seq_len: int,
     *,
     use_bos: bool,
@@ -97,6 +167,13 @@ def loss_floor(
     estimated as the mean entropy of the exact next-token law ``<<eta(w)|T(x)|1>>`` over
     ``num_samples`` sampled contexts ``w`` (this needs ``key``).
 
+    Args:
+        process: a GHMM (``myopic_entropies``), or a ``ConditionalProcess`` (its myopic
+            entropies by ``myopic_entropies_conditional``, exact for every coupling; for one
+            with a ``joint_ghmm`` the floor equals that GHMM's).
+        seq_len: ``L``, the training sequence length.
+        use_bos: whether the model reads a BOS token (the alignment above).
+
     >>> import sfpjax
     >>> [round(float(v), 4) for v in sfpjax.loss_floor(sfpjax.coin(), 4, use_bos=False)]
     [0.6931, 0.6931, 0.6931]
@@ -109,11 +186,14 @@ def loss_floor(
         )
     first = 0 if use_bos else 1
     depth = seq_len - 1
-    V = int(process.T.shape[-3])
+    V = _vocab_size(process)
     exact_depth = depth
     while exact_depth > 0 and V**exact_depth > max_exact_words:
         exact_depth -= 1
-    exact = myopic_entropies(process, exact_depth)
+    if isinstance(process, ConditionalProcess):
+        exact = myopic_entropies_conditional(process, exact_depth)
+    else:
+        exact = myopic_entropies(process, exact_depth)
     if exact_depth == depth:
         return exact[first:]
     if key is None:
@@ -122,9 +202,7 @@ def loss_floor(
             f"max_exact_words={max_exact_words}); pass key= to estimate the deeper positions "
             "from sampled contexts, or raise max_exact_words."
         )
-    tokens = sample(process, key=key, batch_size=num_samples, seq_len=depth)
-    beliefs = filter_beliefs(process, tokens).beliefs  # belief after x_1..x_{n}, n = 1..depth
-    est = _entropy(next_token_probs(process, beliefs)).mean(0)  # H(X_{n+1} | X_{1:n})
+    est = _sampled_next_entropies(process, key, int(num_samples), depth)  # H(X_{n+1} | X_{1:n})
     full = jnp.concatenate([exact, est[exact_depth:].astype(exact.dtype)])
     return full[first:]
 
@@ -159,7 +237,7 @@ def _pct(excess, floor):
 
 def evaluate_sample(model, process, key, floor, batch_size: int, seq_len: int) -> EvalResult:
     """The evaluation of one model on a fresh sample drawn with ``key`` (traceable; the loop vmaps it)."""
-    tokens = sample(process, key=key, batch_size=batch_size, seq_len=seq_len)
+    tokens = _draw(process, key, batch_size, seq_len)
     loss = per_position_loss(model, tokens).mean(0)
     dtype = jnp.promote_types(loss.dtype, floor.dtype)
     loss, floor = loss.astype(dtype), floor.astype(dtype)
@@ -179,7 +257,7 @@ def evaluate_sample(model, process, key, floor, batch_size: int, seq_len: int) -
 
 def evaluate(
     model: SequenceModel,
-    process: GHMM,
+    process: GHMM | ConditionalProcess,
     *,
     key: PRNGKeyArray,
     batch_size: int,
@@ -190,7 +268,7 @@ def evaluate(
 
     Args:
         model: a single model (``eqx.filter_vmap`` this function over a stack).
-        process: the process the sequences are drawn from.
+        process: the process the sequences are drawn from (a GHMM or a ``ConditionalProcess``).
         key: PRNG key for the sample (and for the floor, if it must be estimated).
         batch_size, seq_len: the evaluation sample.
         floor: a precomputed :func:`loss_floor` (saves recomputing it at every evaluation).
@@ -203,6 +281,7 @@ def evaluate(
     ((7,), (7,))
     """
     check_model(model)
+    _vocab_size(process)
     sample_key, floor_key = jr.split(key)
     if floor is None:
         floor = loss_floor(process, seq_len, use_bos=model.config.use_bos, key=floor_key)
