@@ -61,27 +61,34 @@ CALIBRATION = ("MD", "AD", "MD_low", "unrelated")
 HELD_OUT = ("MO", "MD_trigger", "benign_mix")
 
 
+def _model_config() -> sfpjax.TransformerConfig:
+    # vocab_size and n_ctx are set from the world and the sequence length at run time.
+    return sfpjax.TransformerConfig(vocab_size=1, n_ctx=1, n_layers=2, d_model=32, n_heads=2, d_mlp=64)
+
+
+def _pretrain_config() -> sfpjax.TrainConfig:
+    return sfpjax.TrainConfig(steps=3000, batch_size=64, seq_len=16, learning_rate=3e-3)
+
+
+def _finetune_config() -> sfpjax.TrainConfig:
+    # No warm-up and a constant rate: every checkpoint segment sees the same optimizer.
+    return sfpjax.TrainConfig(steps=150, batch_size=32, seq_len=16, learning_rate=3e-3, warmup_steps=0,
+                              schedule="constant")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     out: str = "runs/trait_monitoring"
     misaligned_share: float = 0.1
     mixing: float = 0.0
     trigger_rate: float = 0.02
-    d_model: int = 32
-    n_layers: int = 2
-    n_heads: int = 2
-    d_mlp: int = 64
-    seq_len: int = 16
-    pretrain_steps: int = 3000
-    pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
+    model: sfpjax.TransformerConfig = dataclasses.field(default_factory=_model_config)
+    pretrain: sfpjax.TrainConfig = dataclasses.field(default_factory=_pretrain_config)
+    finetune: sfpjax.TrainConfig = dataclasses.field(default_factory=_finetune_config)
     site: str = "blocks.1.hook_resid_post"
     trait_contexts: int = 1024
     lora_rank: int = 4
-    finetune_steps: int = 150
     every: int = 10
-    finetune_batch: int = 32
-    finetune_lr: float = 3e-3
     finetune_pool: int = 1024
     seeds: int = 3
     n_prompts: int = 256
@@ -97,10 +104,11 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(out="runs/trait_monitoring_tiny", d_model=16, n_layers=1, d_mlp=32, seq_len=8,
-                 pretrain_steps=100, site="blocks.0.hook_resid_post", trait_contexts=256, lora_rank=1,
-                 finetune_steps=10, every=5, finetune_pool=64, seeds=2, n_prompts=8, prompt_len=4,
-                 cont_len=4, reference_draws=2, sae_latents=32, sae_k=4, sae_steps=30, n_estimators=10),
+    "tiny": {"out": "runs/trait_monitoring_tiny", "model.d_model": 16, "model.n_layers": 1, "model.d_mlp": 32,
+             "pretrain.steps": 100, "pretrain.seq_len": 8, "finetune.steps": 10, "finetune.seq_len": 8,
+             "site": "blocks.0.hook_resid_post", "trait_contexts": 256, "lora_rank": 1, "every": 5,
+             "finetune_pool": 64, "seeds": 2, "n_prompts": 8, "prompt_len": 4, "cont_len": 4,
+             "reference_draws": 2, "sae_latents": 32, "sae_k": 4, "sae_steps": 30, "n_estimators": 10},
 }
 
 
@@ -115,12 +123,9 @@ def unrelated_tokens(world, key, shape):
 
 
 def pretrain(config: Config, world, key):
-    mcfg = sfpjax.TransformerConfig(vocab_size=world.vocab_size, n_ctx=config.seq_len, n_layers=config.n_layers,
-                                    d_model=config.d_model, n_heads=config.n_heads, d_mlp=config.d_mlp)
+    mcfg = dataclasses.replace(config.model, vocab_size=world.vocab_size, n_ctx=config.pretrain.seq_len)
     init_key, train_key = jr.split(key)
-    tc = sfpjax.TrainConfig(steps=config.pretrain_steps, batch_size=config.pretrain_batch, seq_len=config.seq_len,
-                            learning_rate=config.pretrain_lr)
-    return sfpjax.train(sfpjax.Transformer(mcfg, key=init_key), world.process, tc, key=train_key,
+    return sfpjax.train(sfpjax.Transformer(mcfg, key=init_key), world.process, config.pretrain, key=train_key,
                         progress=False).model
 
 
@@ -130,7 +135,7 @@ def finetune_data(config: Config, world, key):
     for i, (weights, trigger) in enumerate(PERTURBATIONS.values()):
         for s in range(config.seeds):
             k = jr.fold_in(key, i * config.seeds + s)
-            shape = (config.finetune_pool, config.seq_len)
+            shape = (config.finetune_pool, config.finetune.seq_len)
             if weights is None:
                 pools.append(unrelated_tokens(world, k, shape))
             else:
@@ -147,10 +152,9 @@ def run_finetunes(config: Config, world, base, prompts, key):
     method = sfpjax.LoRA(rank=config.lora_rank)
     models = eqx.filter_vmap(lambda k: method.wrap(base, key=k))(jr.split(wrap_key, K))
     trainable = method.trainable(models)
-    tc = sfpjax.TrainConfig(steps=config.finetune_steps, batch_size=config.finetune_batch, seq_len=config.seq_len,
-                            learning_rate=config.finetune_lr, warmup_steps=0)
+    tc = config.finetune
     opt = sfpjax.make_optimizer(tc)
-    step = sfpjax.make_step(opt, batch_size=config.finetune_batch, seq_len=config.seq_len, trainable=trainable).vmap()
+    step = sfpjax.make_step(opt, batch_size=tc.batch_size, seq_len=tc.seq_len, trainable=trainable).vmap()
     state = eqx.filter_vmap(lambda m: sfpjax.init_opt_state(opt, m, trainable=trainable))(models)
     source = sfpjax.ArraySource(tokens)
     eval_tokens = prompts.tokens.reshape(-1, prompts.tokens.shape[-1])
@@ -164,7 +168,7 @@ def run_finetunes(config: Config, world, base, prompts, key):
         return eqx.filter_vmap(one)(models, jr.split(key, K))
 
     steps, em, acts = [], [], []
-    for c in range(config.finetune_steps // config.every + 1):
+    for c in range(config.finetune.steps // config.every + 1):
         if c:
             keys = jax.vmap(lambda s: jr.split(jr.fold_in(step_key, s), K))(
                 jnp.arange((c - 1) * config.every, c * config.every))
@@ -208,7 +212,7 @@ def main(argv=None):
                                  mixing=config.mixing, trigger_rate=config.trigger_rate)
     base = pretrain(config, world, pre_key)
 
-    ctx = sfpjax.sample(world.process, key=trait_key, batch_size=config.trait_contexts, seq_len=config.seq_len)
+    ctx = sfpjax.sample(world.process, key=trait_key, batch_size=config.trait_contexts, seq_len=config.pretrain.seq_len)
     traits = sfpjax.persona_traits(world, ctx)
     acts_traits = np.asarray(sfpjax.site_activations(base, ctx, config.site), np.float64)
     directions = sfpjax.trait_directions(acts_traits, traits)
@@ -337,7 +341,7 @@ def write_report(config, results):
         "# Trait-space drift monitoring (seed 004) in a persona world",
         "",
         f"Perturbation types: calibration {', '.join(CALIBRATION)}; held out {', '.join(HELD_OUT)}; "
-        f"{config.seeds} seeds each; rank-{config.lora_rank} LoRA, {config.finetune_steps} steps, a checkpoint "
+        f"{config.seeds} seeds each; rank-{config.lora_rank} LoRA, {config.finetune.steps} steps, a checkpoint "
         f"every {config.every}. Label: excess EM rate > {config.threshold}, where the excess EM rate is the "
         f"broad EM rate (share of the model's continuations after other-domain prompts that the exact leaf "
         f"classifier assigns to the misaligned persona) minus the pretraining world's exact rate after the same "
