@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     for r in result["beliefs"]:
         ratios = ", ".join(f"{k[len('sfpjax_over_'):]} {v:.2f}x" for k, v in r.items() if k.startswith("sfpjax_over_"))
         print(f"beliefs {r['process']:14s} B={r['B']:>8d} L={r['L']}: sfpjax {r['sfpjax']['updates_per_s']:.3g} "
-              f"updates/s; sfpjax faster than {ratios}", flush=True)
+              f"updates/s; time of method / sfpjax: {ratios}", flush=True)
     result["training"] = training(s, t_key)
     print(f"training: {result['training']['tokens_per_s']:.3g} tokens/s", flush=True)
     result["stacked"] = stacked(s, s_key)
