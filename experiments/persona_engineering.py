@@ -41,6 +41,10 @@ Writes ``results.csv`` (one row per point x seed), ``results.json``, ``pareto.pn
 front drawn), ``knobs.png`` (one-knob curves, mean +- sd over seeds) and ``report.md`` (the
 Pareto improvements over the baseline, or that there were none) into ``--out``.
 
+On CPU every core is a JAX device; a program of ``K`` runs uses the largest number of them
+that divides ``K`` (the baseline group of 6 points x 3 seeds splits over 2 cores, a group
+of one point x 3 seeds runs on one).
+
 The default grid (10 points x 3 seeds, 5 programs) uses small models and short runs so that
 it is meant to finish in about 20 minutes on 2 CPU cores; that was not timed on a quiet
 machine. On a GPU use ``--grid full`` with longer runs, e.g. ``--pretrain-steps 4000
@@ -64,7 +68,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import sfpjax  # noqa: E402
-from _cli import config_json, parse_config  # noqa: E402
+from _cli import config_json, parse_config, use_every_cpu_core  # noqa: E402
 
 GRIDS = {
     "tiny": dict(mixing=(0.0, 0.6), dims=("2:2",), sectors=(2, 3), leak=(0.0,), entangled=(0,)),
@@ -347,4 +351,5 @@ def write_plots(config: Config, base: Point, means: list[dict], rows: list[dict]
 
 
 if __name__ == "__main__":
+    use_every_cpu_core()  # each stacked program splits its points x seeds over the cores
     main()
