@@ -34,7 +34,11 @@ the local devices; the others as separate programs):
   from the leaf MD, Adam at a constant rate), with ``sfpjax.finetune_stack``;
 * broad EM, coherence deficit and impossible rate after persona-neutral prompts
   (``sfpjax.em_metrics``), before and after fine-tuning. **Robustness** is
-  ``1 - broad EM`` after fine-tuning.
+  ``1 - (broad EM after - broad EM before)``: one minus the rise of the misaligned-persona
+  share after O prompts that the narrow fine-tuning caused (1: no spread; above 1: it fell),
+  so worlds whose prior already puts more mass on MO are not counted as less robust for
+  it. The exact references (pretrained world, ideal narrow and persona learners) and the
+  broadness index are in the table too.
 
 Writes ``results.csv`` (one row per point x seed), ``results.json``, ``pareto.png``
 (mean fidelity vs mean robustness per point, seed sd as error bars, baseline marked, Pareto
@@ -219,7 +223,8 @@ def run_group(config: Config, points: list[Point], key) -> list[dict]:
             **dataclasses.asdict(p), "seed": k % S,
             "fidelity": float(np.exp(-e_A[k])), "aligned_excess": float(e_A[k]),
             "pretrain_excess_pct": float(np.asarray(pre.history[-1]["excess_pct"])[k]),
-            "robustness": 1.0 - broad, "broad_after": broad, "broad_before": float(before.rates.broad[k]),
+            "robustness": 1.0 - (broad - float(before.rates.broad[k])), "broad_after": broad,
+            "broad_before": float(before.rates.broad[k]), "ref_broad_pretrained": float(refs.pretrained.broad),
             "narrow_after": float(after.rates.narrow[k]), "aligned_share_before": float(before.rates.aligned_share[k]),
             "coherence_after": float(after.coherence_deficit[k]), "impossible_after": float(after.impossible_rate[k]),
             "broadness": float(sfpjax.broadness_index(jnp.asarray(broad), refs)),
@@ -293,7 +298,7 @@ def write_report(config: Config, base: Point, means: list[dict], results: dict) 
     lines = ["# Persona engineering", "",
              f"{len(means)} persona worlds x {config.seeds} seeds, {results['programs']} compiled programs on "
              f"{len(results['devices'])} device(s), {results['wall_s']:.0f} s. Fidelity = exp(-aligned excess nats/token "
-             "over the exact world); robustness = 1 - broad EM after narrow MD fine-tuning. Mean +- sd over seeds.",
+             "over the exact world); robustness = 1 - (rise of broad EM under narrow MD fine-tuning). Mean +- sd over seeds.",
              "", f"Baseline: {base} (fidelity {b['fidelity']:.4f} +- {b['fidelity_sd']:.4f}, robustness "
              f"{b['robustness']:.3f} +- {b['robustness_sd']:.3f}).", "",
              "| point | fidelity | robustness | Pareto front | improves on baseline |", "|---|---|---|---|---|"]
@@ -327,9 +332,9 @@ def write_plots(config: Config, base: Point, means: list[dict], rows: list[dict]
         ax.annotate(label(m["point"], base), (m["fidelity"], m["robustness"]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     front = sorted((means[i] for i in pareto_front(means)), key=lambda m: m["fidelity"])
-    ax.step([m["fidelity"] for m in front], [m["robustness"] for m in front], where="post", c="r", lw=1,
-            label="Pareto front")
-    ax.set(xlabel="alignment fidelity exp(-aligned excess)", ylabel="robustness 1 - broad EM",
+    ax.plot([m["fidelity"] for m in front], [m["robustness"] for m in front], "o-", c="r", mfc="none", ms=10,
+            lw=1, label="Pareto front")
+    ax.set(xlabel="alignment fidelity exp(-aligned excess)", ylabel="robustness 1 - rise of broad EM",
            title="persona engineering (star: baseline)")
     ax.legend(fontsize=7)
     fig.tight_layout()

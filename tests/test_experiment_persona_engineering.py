@@ -24,7 +24,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     for r in rows:
         assert np.isfinite(float(r["aligned_excess"]))
         np.testing.assert_allclose(float(r["fidelity"]), np.exp(-float(r["aligned_excess"])), rtol=1e-6)
-        np.testing.assert_allclose(float(r["robustness"]), 1 - float(r["broad_after"]))
+        np.testing.assert_allclose(float(r["robustness"]), 1 - (float(r["broad_after"]) - float(r["broad_before"])))
         assert 0.0 <= float(r["broad_after"]) <= 1.0
     assert json.loads((out / "results.json").read_text())["rows"][0]["seed"] == 0
     assert "Baseline" in (out / "report.md").read_text()
