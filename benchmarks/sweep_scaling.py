@@ -13,6 +13,11 @@
    machine's physical cores, so this measures sharding overhead, not extra hardware).
 3. Training sweep: K transformers trained as one vmapped program (``sfpjax.train_stack``)
    versus K sequential ``sfpjax.train`` runs with the same configuration.
+4. Pre-train + fine-tune sweep: K points (one Mess3 process each) pre-trained with
+   ``sfpjax.train_stack`` and fine-tuned with ``sfpjax.finetune_stack`` (LoRA) as stacked
+   programs, in points/s, versus a Python loop of ``sfpjax.train`` + ``sfpjax.finetune``
+   per point; the stacked sweep also in subprocesses with 1, 2 and 4 forced host devices
+   (the K axis split over them). Compilation is excluded (each is run once untimed).
 Correctness is checked before timing (the loop and the sweep give the same numbers).
 """
 
@@ -150,13 +155,99 @@ def training_vmapped_vs_sequential(k, steps):
     return {"k": k, "steps": steps, "stacked_s": stack_s, "sequential_s": seq_s, "speedup": seq_s / stack_s}
 
 
+def _point_processes(k):
+    import jax
+    import jax.numpy as jnp
+
+    import sfpjax
+
+    return jax.vmap(sfpjax.mess3)(jnp.linspace(0.05, 0.45, k, dtype=jnp.float32), jnp.full(k, 0.6, jnp.float32))
+
+
+def _sweep_configs(steps):
+    import sfpjax
+
+    mcfg = sfpjax.TransformerConfig(vocab_size=3, n_ctx=10, n_layers=1, d_model=32, n_heads=2, d_mlp=128)
+    pre = sfpjax.TrainConfig(steps=steps, batch_size=64, seq_len=10, learning_rate=3e-3, log_every=steps)
+    ft = sfpjax.TrainConfig(steps=max(1, steps // 4), batch_size=32, seq_len=10, learning_rate=1e-3,
+                            schedule="constant", log_every=steps)
+    return mcfg, pre, ft
+
+
+def stacked_pretrain_finetune(k, steps):
+    """Seconds of one stacked pre-train + LoRA fine-tune sweep of k points (compiled first)."""
+    import equinox as eqx
+    import jax
+
+    import sfpjax
+
+    mcfg, pre, ft = _sweep_configs(steps)
+    processes = _point_processes(k)
+    models = eqx.filter_vmap(lambda kk: sfpjax.Transformer(mcfg, key=kk))(jax.random.split(jax.random.key(0), k))
+
+    def run():
+        keys = jax.random.split(jax.random.key(1), k)
+        trained = sfpjax.train_stack(models, processes, pre, keys=keys, progress=False).model
+        return sfpjax.finetune_stack(trained, processes, ft, method=sfpjax.LoRA(rank=4), keys=keys,
+                                     progress=False).model
+
+    run()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(run())
+    return time.perf_counter() - t0, len(jax.tree.leaves(eqx.filter(out, eqx.is_array))[0].sharding.device_set)
+
+
+def looped_pretrain_finetune(k, steps):
+    """Seconds of the same k points as a Python loop of train + finetune (compiled first)."""
+    import equinox as eqx
+    import jax
+
+    import sfpjax
+
+    mcfg, pre, ft = _sweep_configs(steps)
+    processes = _point_processes(k)
+    keys = jax.random.split(jax.random.key(1), k)
+
+    def one(i):
+        p = jax.tree.map(lambda a: a[i], processes)
+        m = sfpjax.Transformer(mcfg, key=jax.random.split(jax.random.key(0), k)[i])
+        m = sfpjax.train(m, p, pre, key=keys[i], progress=False).model
+        return sfpjax.finetune(m, p, ft, method=sfpjax.LoRA(rank=4), key=keys[i], progress=False).model
+
+    jax.block_until_ready(one(0))
+    t0 = time.perf_counter()
+    for i in range(k):
+        out = one(i)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+
+def training_sweep_scaling(k, steps, counts=(1, 2, 4)):
+    rows = []
+    for c in counts:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={c}", JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, __file__, "--child-train", str(k), str(steps)], env=env,
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--devices", type=int, default=os.cpu_count(),
                     help="CPU devices JAX starts with for parts 1 and 3 (default: one per core)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child-train", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_train:  # stacked pre-train + fine-tune on the XLA_FLAGS device count
+        import jax
+
+        k, steps = int(args.child_train[0]), int(args.child_train[1])
+        s, used = stacked_pretrain_finetune(k, steps)
+        print(json.dumps({"devices": len(jax.devices()), "devices_used": used, "points": k, "s": s,
+                          "points_per_s": k / s}))
+        return
     if args.child:  # a child gets its device count from XLA_FLAGS
         workload, n, rounds = args.child[0], int(args.child[1]), int(args.child[2])
         _, first, sweep_s, n_dev = time_sweep(make_point_fn(*WORKLOADS[workload]), n, rounds)
@@ -183,6 +274,16 @@ def main():
     t = training_vmapped_vs_sequential(k, steps)
     print(f"training sweep: {k} models x {steps} steps: stacked {t['stacked_s']:.2f}s, "
           f"sequential {t['sequential_s']:.2f}s, ratio {t['speedup']:.1f}x")
+    k2, steps2 = (4, 20) if args.quick else (16, 100)
+    stacked_s, used = stacked_pretrain_finetune(k2, steps2)
+    loop_s = looped_pretrain_finetune(k2, steps2)
+    print(f"pre-train + LoRA fine-tune sweep, {k2} points x ({steps2} + {max(1, steps2 // 4)}) steps:")
+    print(f"  stacked on {used} device(s): {k2 / stacked_s:8.2f} points/s")
+    print(f"  python loop         : {k2 / loop_s:8.2f} points/s")
+    print(f"  ratio stacked/loop  : {loop_s / stacked_s:8.1f}x")
+    print("  stacked, forced host devices (same physical cores):")
+    for row in training_sweep_scaling(k2, steps2):
+        print(f"    {row['devices']} devices ({row['devices_used']} used): {row['points_per_s']:8.2f} points/s")
 
 
 if __name__ == "__main__":

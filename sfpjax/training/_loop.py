@@ -33,6 +33,7 @@ from ._data import ArraySource, ConditionalSource, ProcessSource, as_source
 from ._loss import evaluate_sample, loss_floor
 from ._protocol import SequenceModel, check_model
 from ._rundir import MetricsLog, fingerprint, key_data, open_run_dir, read_rows, to_json, write_rows
+from ._shard import shard_stack, stack_mesh
 from ._step import init_opt_state, make_step
 
 __all__ = ["TrainResult", "train", "train_stack"]
@@ -183,6 +184,13 @@ def run_training(
     if start == 0:
         # The step donates its inputs; copy once so the caller's model stays usable.
         model = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+    if runs.stacked:
+        # The K runs split over the local devices: a placement, the values stay those of one device.
+        mesh = stack_mesh(data_key.shape[0])
+        model, opt_state, data_key, eval_key, floor = shard_stack(
+            (model, opt_state, data_key, eval_key, floor), mesh, stacked=True)
+        source = shard_stack(source, mesh, stacked=source_axis == 0)
+        eval_process = shard_stack(eval_process, mesh, stacked=process_axis == 0)
     step = make_step(optimizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len, trainable=trainable)
     if runs.stacked:
         step = step.vmap(shared_source=source_axis is None)
@@ -352,6 +360,12 @@ def train_stack(
 
     Model ``k`` trains exactly as ``train(model_k, data_k, cfg, key=keys[k])`` would: the
     stack is the vmapped run of ``K`` independent ones (K seeds, K processes or both).
+
+    On ``D`` local devices the ``K`` axis is split over a one-axis ``Mesh`` (``K / D`` runs
+    per device, stacked data split alike, shared data replicated), with the results of one
+    device up to float rounding. ``K`` need not divide evenly: the mesh uses the largest
+    number of devices that divides ``K`` (no padding), so choose ``K`` a multiple of ``D``
+    to use them all. The returned arrays keep that placement.
 
     Args:
         models: e.g. ``eqx.filter_vmap(lambda k: Transformer(config, key=k))(jr.split(key, K))``.
