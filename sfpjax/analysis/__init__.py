@@ -99,3 +99,11 @@ from ._composition import TiltFit as TiltFit
 from ._composition import compare_probes as compare_probes
 from ._composition import heldout_r2 as heldout_r2
 from ._composition import reweighting_residual as reweighting_residual
+from ._reversal import leaf_posteriors as leaf_posteriors
+from ._reversal import leaf_belief_delta as leaf_belief_delta
+from ._reversal import fold_steering as fold_steering
+from ._reversal import ablate_direction_weights as ablate_direction_weights
+from ._reversal import ReversalMetrics as ReversalMetrics
+from ._reversal import reversal_metrics as reversal_metrics
+from ._reversal import reversal_sweep as reversal_sweep
+from ._reversal import lora_residual_directions as lora_residual_directions
