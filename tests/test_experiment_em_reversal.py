@@ -12,7 +12,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     out = tmp_path / "rev"
     em_reversal.main(["--preset", "tiny", "--out", str(out)])
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["worlds"]) == {"correlated", "entangled"}
+    assert set(saved["worlds"]) == {"correlated"}
     for wname, e in saved["worlds"].items():
         for name in (f"reversal_broad_{wname}_full.png", f"reversal_collateral_{wname}_lora.png",
                      f"spillover_{wname}.png", f"overlaps_{wname}.png"):
