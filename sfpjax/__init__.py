@@ -195,6 +195,14 @@ from .analysis import sampled_em_rates as sampled_em_rates
 from .analysis import exact_em_rates as exact_em_rates
 from .analysis import EMMetrics as EMMetrics
 from .analysis import em_metrics as em_metrics
+from .analysis import leaf_posteriors as leaf_posteriors
+from .analysis import leaf_belief_delta as leaf_belief_delta
+from .analysis import fold_steering as fold_steering
+from .analysis import ablate_direction_weights as ablate_direction_weights
+from .analysis import ReversalMetrics as ReversalMetrics
+from .analysis import reversal_metrics as reversal_metrics
+from .analysis import reversal_sweep as reversal_sweep
+from .analysis import lora_residual_directions as lora_residual_directions
 from .analysis import narrow_learner as narrow_learner
 from .analysis import persona_learner as persona_learner
 from .analysis import EMReferences as EMReferences

@@ -106,3 +106,11 @@ from ._steering_methods import factor_swap_symmetric as factor_swap_symmetric
 from ._steering_methods import steering_vectors as steering_vectors
 from ._steering_methods import synchronized_classes as synchronized_classes
 from ._em import sampled_em_rates as sampled_em_rates
+from ._reversal import leaf_posteriors as leaf_posteriors
+from ._reversal import leaf_belief_delta as leaf_belief_delta
+from ._reversal import fold_steering as fold_steering
+from ._reversal import ablate_direction_weights as ablate_direction_weights
+from ._reversal import ReversalMetrics as ReversalMetrics
+from ._reversal import reversal_metrics as reversal_metrics
+from ._reversal import reversal_sweep as reversal_sweep
+from ._reversal import lora_residual_directions as lora_residual_directions
