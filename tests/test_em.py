@@ -118,6 +118,35 @@ def test_sampled_rates_approach_the_exact_rates_for_long_continuations(world):
     assert float(sampled.flip) == 0.0
 
 
+def test_sampled_references_average_the_classifier_over_draws(world, prompts):
+    weights = {"MD": 1.0}
+    refs = sfpjax.sampled_em_references(world, weights, prompts, key=jr.key(9), length=6, draws=3)
+    exact = sfpjax.em_references(world, weights, prompts)
+    learners = (world, sfpjax.narrow_learner(world, weights), sfpjax.persona_learner(world, weights))
+    for got, w, k in zip((refs.pretrained, refs.narrow, refs.persona), learners, jr.split(jr.key(9), 3)):
+        draws = [sfpjax.sampled_em_rates(w, prompts, key=kk, length=6) for kk in jr.split(k, 3)]
+        np.testing.assert_allclose(got.rates, np.mean([d.rates for d in draws], 0), atol=1e-12)
+        np.testing.assert_allclose(got.broad, np.mean([d.broad for d in draws]), atol=1e-12)
+        np.testing.assert_allclose(got.narrow, np.mean([d.narrow for d in draws]), atol=1e-12)
+    np.testing.assert_allclose(refs.persona_log_odds, exact.persona_log_odds, atol=1e-12)
+    # At 6 tokens many continuations carry no marker: the like-for-like persona learner is
+    # far less broad than its long-continuation limit (1), and the index uses these values.
+    assert float(refs.persona.broad) < float(exact.persona.broad) - 0.1
+    b = sfpjax.broadness_index(jnp.array([refs.narrow.broad, refs.persona.broad]), refs)
+    np.testing.assert_allclose(b, [0.0, 1.0], atol=1e-12)
+    with pytest.raises(ValueError, match="draws"):
+        sfpjax.sampled_em_references(world, weights, prompts, key=jr.key(0), length=6, draws=0)
+
+
+def test_steered_model_metrics_match_the_base_at_zero_vector(world, prompts):
+    model = _tiny_model(jr.key(3))
+    steered = sfpjax.SteeringVector("blocks.0.hook_resid_post").wrap(model, key=jr.key(0))
+    a = sfpjax.em_metrics(model, world, prompts, key=jr.key(4), length=6)
+    b = sfpjax.em_metrics(steered, world, prompts, key=jr.key(4), length=6)
+    np.testing.assert_array_equal(a.continuations, b.continuations)
+    np.testing.assert_allclose(a.log_odds, b.log_odds, atol=1e-6)
+
+
 def test_exact_persona_log_odds_match_brute_force(world, prompts):
     lo = sfpjax.exact_persona_log_odds(world, prompts)
     VQ = world.domain_vocab
