@@ -77,6 +77,7 @@ class Config:
     pretrain_steps: int = 2000
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
+    pretrain_eval_batch: int = 256
     finetune_steps: int = 200
     finetune_batch: int = 32
     finetune_lr: float = 1e-3
@@ -94,8 +95,9 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(priors=("correlated",), conditions=("lora1_MD", "steer_MD", "full_MD_entangled"), seeds=2,
+    "tiny": dict(priors=("correlated",), conditions=("lora1_MD", "steer_MD"), seeds=2,
                  d_model=16, n_layers=1, d_mlp=32, seq_len=10, pretrain_steps=32, pretrain_batch=16,
+                 pretrain_eval_batch=16,
                  finetune_steps=8, finetune_batch=8, finetune_pool=64, eval_every=4, n_prompts=4,
                  prompt_len=4, cont_len=6, ref_draws=4),
 }
@@ -119,7 +121,7 @@ def pretrain(config: Config, world, key):
     models = eqx.filter_vmap(lambda k: sfpjax.Transformer(mcfg, key=k))(jr.split(init_key, config.seeds))
     tc = sfpjax.TrainConfig(steps=config.pretrain_steps, batch_size=config.pretrain_batch, seq_len=config.seq_len,
                             learning_rate=config.pretrain_lr, warmup_steps=min(100, config.pretrain_steps // 10),
-                            eval_every=config.pretrain_steps, eval_batch_size=256)
+                            eval_every=config.pretrain_steps, eval_batch_size=config.pretrain_eval_batch)
     out = sfpjax.train_stack(models, world.process, tc, keys=jr.split(train_key, config.seeds), progress=False)
     last = out.history[-1]
     return out.model, {"final_loss": last["loss"], "excess_pct": last.get("excess_pct")}

@@ -229,16 +229,30 @@ def test_emergent_misalignment_experiment_tiny(tmp_path):
     results = emergent_misalignment.main(["--preset", "tiny", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     entry = saved["priors"]["correlated"]
-    assert set(entry["conditions"]) == {"head_MD", "full_MD_trigger"}
+    assert set(entry["conditions"]) == {"lora1_MD", "steer_MD"}
     for c in entry["conditions"].values():
         t = c["trajectory"]
         assert t["step"] == [0, 4, 8] and np.asarray(t["broad"]).shape == (3, 2)
         assert all(0.0 <= b <= 1.0 for row in t["broad"] for b in row)
+        # The peak is, per seed, the checkpoint of largest broad EM.
+        broad = np.asarray(t["broad"])
+        np.testing.assert_allclose(c["peak"]["broad"], broad.max(0))
+        assert all(s in t["step"] for s in c["peak"]["step"])
         refs = c["references"]
         # The exact references: narrow learner keeps O behaviour, persona learner is fully broad.
         assert refs["narrow"]["broad"] == pytest.approx(refs["pretrained"]["broad"], abs=1e-5)
         assert refs["persona"]["broad"] == pytest.approx(1.0, abs=1e-5)
+        ll = c["sampled_references"]
+        for r in ll.values():
+            np.testing.assert_allclose(np.asarray(r["rates"]).sum(-1), 1.0, atol=1e-5)
+        gap = ll["persona"]["broad"] - ll["narrow"]["broad"]
+        if abs(gap) > 1e-9:
+            np.testing.assert_allclose(c["broadness_final"], (broad[-1] - ll["narrow"]["broad"]) / gap, rtol=1e-5)
+    # LoRA (B = 0) and a zero steering vector start at the pretrained models: equal next-token log-odds.
+    lo = [np.asarray(entry["conditions"][n]["trajectory"]["log_odds_O"][0]) for n in ("lora1_MD", "steer_MD")]
+    np.testing.assert_allclose(lo[0], lo[1], rtol=1e-4, atol=1e-4)
     assert results["priors"]["correlated"]["prior"] == entry["prior"]
-    assert (tmp_path / "report.md").read_text().startswith("# Emergent misalignment")
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Emergent misalignment") and "| lora1_MD |" in report and "like-for-like" in report
     for name in ("broad_em_correlated.png", "dispositions_correlated.png"):
         assert (tmp_path / name).stat().st_size > 0

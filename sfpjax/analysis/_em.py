@@ -535,6 +535,14 @@ def em_references(world: PersonaWorld, finetune_weights, prompts: EvalPrompts) -
     )
 
 
+@eqx.filter_jit
+def _mean_sampled_rates(world: PersonaWorld, key, prompts: EvalPrompts, length: int, draws: int, glitch: float):
+    # One compiled program per shape: the three learners share it (they differ only in the prior).
+    rates = jax.vmap(lambda k: sampled_em_rates(world, prompts, key=k, length=length, glitch=glitch).rates)(
+        jr.split(key, draws))
+    return em_rates(world, rates.mean(0))
+
+
 def sampled_em_references(
     world: PersonaWorld,
     finetune_weights,
@@ -570,14 +578,11 @@ def sampled_em_references(
         raise ValueError(f"draws must be a positive number of continuation sets, got {draws}.")
     nw, pw = narrow_learner(world, finetune_weights), persona_learner(world, finetune_weights)
 
-    def mean_rates(w, k):
-        rates = jax.vmap(lambda kk: sampled_em_rates(w, prompts, key=kk, length=length, glitch=glitch).rates)(
-            jr.split(k, int(draws)))
-        return em_rates(w, rates.mean(0))
-
     k0, k1, k2 = jr.split(key, 3)
+    args = (prompts, int(length), int(draws), float(glitch))
     return EMReferences(
-        mean_rates(world, k0), mean_rates(nw, k1), mean_rates(pw, k2),
+        _mean_sampled_rates(world, k0, *args), _mean_sampled_rates(nw, k1, *args),
+        _mean_sampled_rates(pw, k2, *args),
         exact_persona_log_odds(world, prompts), exact_persona_log_odds(nw, prompts),
         exact_persona_log_odds(pw, prompts),
     )
