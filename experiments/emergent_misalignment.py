@@ -353,6 +353,9 @@ def write_plots(config: Config, results: dict) -> None:
                 ax.plot(t["step"], b.mean(1), color=colours[i % 10], label=name)
                 ax.fill_between(t["step"], b.min(1), b.max(1), color=colours[i % 10], alpha=0.2)
             if names:
+                ax.legend(fontsize=7)
+            # Every MD method shares one pair of references; the controls' differ (see the report).
+            if names and names is methods:
                 refs = conds[names[0]]["sampled_references"]
                 ax.axhline(refs["narrow"]["broad"], ls="--", c="k", lw=0.8,
                            label=f"ideal narrow ({names[0]}, like-for-like)")
