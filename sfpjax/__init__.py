@@ -192,6 +192,7 @@ from .analysis import dispositions as dispositions
 from .analysis import EMRates as EMRates
 from .analysis import em_rates as em_rates
 from .analysis import sampled_em_rates as sampled_em_rates
+from .analysis import sampled_em_references as sampled_em_references
 from .analysis import exact_em_rates as exact_em_rates
 from .analysis import EMMetrics as EMMetrics
 from .analysis import em_metrics as em_metrics

@@ -118,6 +118,38 @@ def test_sampled_rates_approach_the_exact_rates_for_long_continuations(world):
     assert float(sampled.flip) == 0.0
 
 
+def test_sampled_references_average_the_classifier_over_draws(world, prompts):
+    weights = {"MD": 1.0}
+    refs = sfpjax.sampled_em_references(world, weights, prompts, key=jr.key(9), length=6, draws=3)
+    exact = sfpjax.em_references(world, weights, prompts)
+    learners = (world, sfpjax.narrow_learner(world, weights), sfpjax.persona_learner(world, weights))
+    for got, w, k in zip((refs.pretrained, refs.narrow, refs.persona), learners, jr.split(jr.key(9), 3)):
+        draws = [sfpjax.sampled_em_rates(w, prompts, key=kk, length=6) for kk in jr.split(k, 3)]
+        np.testing.assert_allclose(got.rates, np.mean([d.rates for d in draws], 0), atol=1e-12)
+        np.testing.assert_allclose(got.broad, np.mean([d.broad for d in draws]), atol=1e-12)
+        np.testing.assert_allclose(got.narrow, np.mean([d.narrow for d in draws]), atol=1e-12)
+    np.testing.assert_allclose(refs.persona_log_odds, exact.persona_log_odds, atol=1e-12)
+    # At 6 tokens many continuations carry no marker: the like-for-like persona learner is
+    # far less broad than its long-continuation limit (1), and the index uses these values.
+    assert float(refs.persona.broad) < float(exact.persona.broad) - 0.1
+    b = sfpjax.broadness_index(jnp.array([refs.narrow.broad, refs.persona.broad]), refs)
+    np.testing.assert_allclose(b, [0.0, 1.0], atol=1e-12)
+    with pytest.raises(ValueError, match="draws"):
+        sfpjax.sampled_em_references(world, weights, prompts, key=jr.key(0), length=6, draws=0)
+
+
+def test_steered_model_metrics_match_the_base_at_zero_vector(world, prompts):
+    model = _tiny_model(jr.key(3))
+    steered = sfpjax.SteeringVector("blocks.0.hook_resid_post").wrap(model, key=jr.key(0))
+    flat = prompts.tokens[:, :2].reshape(-1, prompts.tokens.shape[-1])
+    a = sfpjax.sample_continuations(model, flat, key=jr.key(4), length=4)
+    b = sfpjax.sample_continuations(steered, flat, key=jr.key(4), length=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+    np.testing.assert_allclose(sfpjax.persona_log_odds(model, world, prompts),
+                               sfpjax.persona_log_odds(steered, world, prompts), atol=1e-5)
+
+
 def test_exact_persona_log_odds_match_brute_force(world, prompts):
     lo = sfpjax.exact_persona_log_odds(world, prompts)
     VQ = world.domain_vocab
@@ -200,16 +232,30 @@ def test_emergent_misalignment_experiment_tiny(tmp_path):
     results = emergent_misalignment.main(["--preset", "tiny", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     entry = saved["priors"]["correlated"]
-    assert set(entry["conditions"]) == {"head_MD", "full_MD_trigger"}
+    assert set(entry["conditions"]) == {"lora1_MD", "steer_MD"}
     for c in entry["conditions"].values():
         t = c["trajectory"]
         assert t["step"] == [0, 4, 8] and np.asarray(t["broad"]).shape == (3, 2)
         assert all(0.0 <= b <= 1.0 for row in t["broad"] for b in row)
+        # The peak is, per seed, the checkpoint of largest broad EM.
+        broad = np.asarray(t["broad"])
+        np.testing.assert_allclose(c["peak"]["broad"], broad.max(0))
+        assert all(s in t["step"] for s in c["peak"]["step"])
         refs = c["references"]
         # The exact references: narrow learner keeps O behaviour, persona learner is fully broad.
         assert refs["narrow"]["broad"] == pytest.approx(refs["pretrained"]["broad"], abs=1e-5)
         assert refs["persona"]["broad"] == pytest.approx(1.0, abs=1e-5)
+        ll = c["sampled_references"]
+        for r in ll.values():
+            np.testing.assert_allclose(np.asarray(r["rates"]).sum(-1), 1.0, atol=1e-5)
+        gap = ll["persona"]["broad"] - ll["narrow"]["broad"]
+        if abs(gap) > 1e-9:
+            np.testing.assert_allclose(c["broadness_final"], (broad[-1] - ll["narrow"]["broad"]) / gap, rtol=1e-5)
+    # LoRA (B = 0) and a zero steering vector start at the pretrained models: equal next-token log-odds.
+    lo = [np.asarray(entry["conditions"][n]["trajectory"]["log_odds_O"][0]) for n in ("lora1_MD", "steer_MD")]
+    np.testing.assert_allclose(lo[0], lo[1], rtol=1e-4, atol=1e-4)
     assert results["priors"]["correlated"]["prior"] == entry["prior"]
-    assert (tmp_path / "report.md").read_text().startswith("# Emergent misalignment")
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Emergent misalignment") and "| lora1_MD |" in report and "like-for-like" in report
     for name in ("broad_em_correlated.png", "dispositions_correlated.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -56,6 +56,7 @@ from ._em import narrow_learner as narrow_learner
 from ._em import persona_learner as persona_learner
 from ._em import EMReferences as EMReferences
 from ._em import em_references as em_references
+from ._em import sampled_em_references as sampled_em_references
 from ._em import broadness_index as broadness_index
 from ._sae import SAE as SAE
 from ._sae import SAEConfig as SAEConfig

@@ -40,8 +40,14 @@ is measured against the exact process:
   kept: behaviour after O prompts unchanged); the ideal persona learner moves the persona
   marginal to the data's and keeps the domain prior (``pi'(a, d) = w(a) pi(d)``: fully
   broad). ``broadness_index`` places a model at 0 (narrow) .. 1 (persona learner).
+* **Like-for-like references** (``sampled_em_references``): the same three processes, each
+  continuing the prompts for the model's ``length`` and classified by the same disposition
+  classifier (``sampled_em_rates``), averaged over ``draws`` independent sets of
+  continuations. At short lengths many continuations carry no marker (ties split), so a
+  model is compared with these, not with the long-continuation limit.
 
-Model metrics take one ``sfpjax.Transformer`` and are traceable; for a stack of models use
+Model metrics take one ``sfpjax.Transformer`` (or ``sfpjax.SteeredTransformer``; a
+``LoRATransformer`` through ``.merge()``) and are traceable; for a stack of models use
 ``eqx.filter_vmap`` over the model (and the key).
 """
 
@@ -58,6 +64,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..inference._filter import filter_beliefs, next_token_probs
 from ..inference._sampling import sample
+from ..model._steered import SteeredTransformer
 from ..model._transformer import Transformer
 from ..processes._compose import with_token_noise
 from ..processes._ghmm import GHMM
@@ -82,6 +89,7 @@ __all__ = [
     "persona_learner",
     "EMReferences",
     "em_references",
+    "sampled_em_references",
     "broadness_index",
 ]
 
@@ -214,7 +222,7 @@ def exact_persona_log_odds(world: PersonaWorld, prompts: EvalPrompts) -> Float[A
     return _log_odds_from_probs(world, probs)
 
 
-def persona_log_odds(model: Transformer, world: PersonaWorld, prompts: EvalPrompts) -> Float[Array, "nD n"]:
+def persona_log_odds(model: Transformer | SteeredTransformer, world: PersonaWorld, prompts: EvalPrompts) -> Float[Array, "nD n"]:
     """The model's next-token persona log-odds after each prompt (as ``exact_persona_log_odds``).
 
     >>> import jax.random as jr, sfpjax
@@ -231,7 +239,7 @@ def persona_log_odds(model: Transformer, world: PersonaWorld, prompts: EvalPromp
 
 
 def sample_continuations(
-    model: Transformer, prompts: Int[Array, "N P"], *, key: PRNGKeyArray, length: int
+    model: Transformer | SteeredTransformer, prompts: Int[Array, "N P"], *, key: PRNGKeyArray, length: int
 ) -> tuple[Int[Array, "N length"], Float[Array, " N"]]:
     """Continue each prompt for ``length`` tokens from the model (temperature 1).
 
@@ -414,7 +422,7 @@ class EMMetrics(NamedTuple):
 
 
 def em_metrics(
-    model: Transformer,
+    model: Transformer | SteeredTransformer,
     world: PersonaWorld,
     prompts: EvalPrompts,
     *,
@@ -527,10 +535,65 @@ def em_references(world: PersonaWorld, finetune_weights, prompts: EvalPrompts) -
     )
 
 
+@eqx.filter_jit
+def _mean_sampled_rates(world: PersonaWorld, key, prompts: EvalPrompts, length: int, draws: int, glitch: float):
+    # One compiled program per shape: the three learners share it (they differ only in the prior).
+    rates = jax.vmap(lambda k: sampled_em_rates(world, prompts, key=k, length=length, glitch=glitch).rates)(
+        jr.split(key, draws))
+    return em_rates(world, rates.mean(0))
+
+
+def sampled_em_references(
+    world: PersonaWorld,
+    finetune_weights,
+    prompts: EvalPrompts,
+    *,
+    key: PRNGKeyArray,
+    length: int,
+    draws: int = 32,
+    glitch: float = 1e-3,
+) -> EMReferences:
+    """Like-for-like references: ``em_references`` with rates from the classifier at ``length``.
+
+    The pretrained world, the ideal narrow learner and the ideal persona learner for
+    ``finetune_weights`` each continue every prompt for ``length`` tokens from their exact
+    belief; the continuations are classified as a model's are (``sampled_em_rates``). Each
+    reference's ``rates`` are the mean over ``draws`` independent draws (keys
+    ``split(k_ref, draws)`` with ``k_pretrained, k_narrow, k_persona = split(key, 3)``), so
+    their Monte Carlo standard error is about ``sqrt(p (1 - p) / (draws n))`` for a share
+    ``p`` over ``n`` prompts per domain; the broad/narrow/flip/aligned values are those of
+    the mean rates (``em_rates`` is linear in them). The persona log-odds are exact (next
+    token, no sampling). ``broadness_index(broad, sampled_em_references(...))`` places a
+    model's broad EM at the same continuation length between the two learners.
+
+    >>> import jax.random as jr, sfpjax
+    >>> w = sfpjax.persona_world()
+    >>> pr = sfpjax.eval_prompts(w, key=jr.key(0), n=8, length=6)
+    >>> refs = sfpjax.sampled_em_references(w, {"MD": 1.0}, pr, key=jr.key(1), length=10, draws=4)
+    >>> refs.persona.rates.shape
+    (2, 4)
+    """
+    _check_world(world)
+    if int(draws) < 1:
+        raise ValueError(f"draws must be a positive number of continuation sets, got {draws}.")
+    nw, pw = narrow_learner(world, finetune_weights), persona_learner(world, finetune_weights)
+
+    k0, k1, k2 = jr.split(key, 3)
+    args = (prompts, int(length), int(draws), float(glitch))
+    return EMReferences(
+        _mean_sampled_rates(world, k0, *args), _mean_sampled_rates(nw, k1, *args),
+        _mean_sampled_rates(pw, k2, *args),
+        exact_persona_log_odds(world, prompts), exact_persona_log_odds(nw, prompts),
+        exact_persona_log_odds(pw, prompts),
+    )
+
+
 def broadness_index(broad: Float[Array, "..."], references: EMReferences) -> Float[Array, "..."]:
     """``(broad - broad_narrow) / (broad_persona - broad_narrow)``: 0 = ideal narrow, 1 = ideal persona learner.
 
-    NaN when the two references coincide (then no fine-tuning can be placed between them).
+    ``references`` is ``em_references`` (exact, the long-continuation limit) or
+    ``sampled_em_references`` (the same classifier at the model's continuation length: the
+    like-for-like comparison for a model's ``em_metrics``). NaN when the two references coincide (then no fine-tuning can be placed between them).
     """
     lo, hi = references.narrow.broad, references.persona.broad
     gap = hi - lo
