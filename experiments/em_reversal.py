@@ -97,7 +97,8 @@ class Config:
 
 PRESETS = {
     "tiny": dict(worlds=("correlated",), d_model=16, n_layers=2, d_mlp=32, seq_len=10,
-                 pretrain_steps=40, pretrain_batch=16, pretrain_eval_batch=16, finetune_steps=8, finetune_batch=8, n_fit=48,
+                 pretrain_steps=40, pretrain_batch=16, pretrain_eval_batch=16, finetune_steps=8,
+                 finetune_batch=8, n_fit=48,
                  n_prompts=4, prompt_len=4, cont_len=6, scales=(0.0, 1.0, 2.0), spill_scales=(1.0,),
                  class_threshold=0.6, sae_latents=16, sae_k=2, sae_steps=20),
 }
