@@ -22,3 +22,11 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: a whole-suite run otherwise
+    accumulates every module's executables in one process."""
+    yield
+    jax.clear_caches()
