@@ -10,6 +10,7 @@ into one compiled program are those of the loop.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from typing import Any
@@ -37,18 +38,20 @@ def _only(wrapped, select) -> PyTree[bool]:
     return eqx.tree_at(select, mask, replace_fn=lambda node: jax.tree.map(lambda _: True, node))
 
 
-class FinetuneMethod:
+class FinetuneMethod(abc.ABC):
     """What a fine-tuning method provides (the classes below are the ones there are).
 
     ``wrap(model, *, key)`` returns the model to train (the base, or a wrapper around it);
     ``trainable(wrapped)`` returns the Equinox filter of its leaves that train.
     """
 
+    @abc.abstractmethod
     def wrap(self, model: Transformer, *, key: PRNGKeyArray) -> Any:
-        raise NotImplementedError
+        """The model to train: ``model`` itself or a wrapper around it."""
 
+    @abc.abstractmethod
     def trainable(self, wrapped) -> PyTree[bool] | None:
-        raise NotImplementedError
+        """The Equinox filter of the leaves of ``wrapped`` that train."""
 
 
 @dataclasses.dataclass(frozen=True)
