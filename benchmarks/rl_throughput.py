@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 import sfpjax  # noqa: E402
+from training_throughput import copy_weights  # noqa: E402
 
 B, G, P, N = ARGS.prompts, ARGS.group, ARGS.prompt_len, ARGS.new
 LR, BETA, TAU = 1e-3, 0.1, 1.0
@@ -94,29 +95,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     tl_policy = HookedTransformer(tl_cfg)
     tl_reference = HookedTransformer(tl_cfg)
-
-
-def copy_weights(model, tl) -> None:
-    def t(x):
-        return torch.tensor(np.asarray(x))
-
-    sd = {"embed.W_E": t(model.W_E), "pos_embed.W_pos": t(model.W_pos),
-          "ln_final.w": t(model.ln_final_w), "ln_final.b": t(model.ln_final_b),
-          "unembed.W_U": t(model.W_U), "unembed.b_U": t(model.b_U)}
-    for i, blk in enumerate(model.blocks):
-        p = f"blocks.{i}."
-        for j, n in enumerate("QKV"):
-            sd[p + f"attn.W_{n}"] = t(jnp.moveaxis(blk.W_QKV[:, j], 0, 1))
-            sd[p + f"attn.b_{n}"] = t(blk.b_QKV[j])
-        sd.update({p + "attn.W_O": t(blk.W_O), p + "attn.b_O": t(blk.b_O),
-                   p + "ln1.w": t(blk.ln1_w), p + "ln1.b": t(blk.ln1_b),
-                   p + "ln2.w": t(blk.ln2_w), p + "ln2.b": t(blk.ln2_b),
-                   p + "mlp.W_in": t(blk.W_in), p + "mlp.b_in": t(blk.b_in),
-                   p + "mlp.W_out": t(blk.W_out), p + "mlp.b_out": t(blk.b_out)})
-    missing, unexpected = tl.load_state_dict(sd, strict=False)
-    learnable = [k for k in missing if not k.endswith(("IGNORE", "mask"))]
-    if learnable or unexpected:
-        raise RuntimeError(f"weight copy mismatch: missing {learnable}, unexpected {unexpected}")
 
 
 copy_weights(policy, tl_policy)
