@@ -11,7 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import sfpjax
-from sfpjax.analysis._sae import _auxk, _batch_topk, _step
+from sfpjax.analysis._sae import threshold_step as _step
+from sfpjax.analysis._sae_train import _auxk, _batch_topk
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))

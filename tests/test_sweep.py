@@ -392,11 +392,12 @@ def test_damaged_npz_is_named_on_load_and_on_resume(tmp_path):
     data = bytearray(npz.read_bytes())
     data[len(data) // 2] ^= 0xFF
     npz.write_bytes(bytes(data))
-    res = sfpjax.load_sweep(out)  # the table needs no array file
-    _assert_same_table = res.table["y"].tolist() == fresh.table["y"].tolist()
-    assert _assert_same_table
+    res = sfpjax.load_sweep(out, arrays=False)  # the table needs no array file
+    assert res.table["y"].tolist() == fresh.table["y"].tolist() and res.arrays == {}
     with pytest.raises(ValueError, match=r"chunk_000000\.npz' does not match the SHA-256.*chunk_000000\.\*"):
-        res.arrays["cube"]
+        sfpjax.load_sweep(out)
+    with pytest.raises(ValueError, match=r"names \['nope'\].*array metrics are \['cube'"):
+        sfpjax.load_sweep(out, arrays=["nope"])
     (out / "results.csv").unlink()
     with pytest.raises(ValueError, match=r"chunk_000000\.npz' does not match the SHA-256"):
         sfpjax.run_sweep(_square, g, out_dir=out, progress=False)

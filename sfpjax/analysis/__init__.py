@@ -60,12 +60,12 @@ from ._em import sampled_em_references as sampled_em_references
 from ._em import broadness_index as broadness_index
 from ._sae import SAE as SAE
 from ._sae import SAEConfig as SAEConfig
-from ._sae import SAETrainConfig as SAETrainConfig
-from ._sae import SAETrainResult as SAETrainResult
 from ._sae import sae_stack as sae_stack
 from ._sae import site_activations as site_activations
-from ._sae import train_sae as train_sae
-from ._sae import train_sae_stack as train_sae_stack
+from ._sae_train import SAETrainConfig as SAETrainConfig
+from ._sae_train import SAETrainResult as SAETrainResult
+from ._sae_train import train_sae as train_sae
+from ._sae_train import train_sae_stack as train_sae_stack
 from ._sae_metrics import SAEMetrics as SAEMetrics
 from ._sae_metrics import SpliceMetrics as SpliceMetrics
 from ._sae_metrics import sae_intervention as sae_intervention

@@ -23,7 +23,6 @@ an exact zero: the result is then a very negative, finite log-probability.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import equinox as eqx
@@ -241,10 +240,12 @@ def filter_beliefs(
         zero-probability sequences.
 
     Raises:
-        ValueError: tokens that are not integers or (when concrete) outside the alphabet
-            ``[0, V)``, an ``initial`` that is not normalized, an ``out`` of the wrong shape
-            or dtype. Under ``jit`` the token range and the normalization are checked at
-            run time through ``eqx.error_if``.
+        ValueError: tokens that are not integers or (concrete, on one device) outside the
+            alphabet ``[0, V)``, an ``initial`` that is not normalized, an ``out`` of the
+            wrong shape or dtype. The token range is checked inside the kernel (no extra
+            pass over the tokens): under ``jit``, and for tokens split over devices (whose
+            program runs asynchronously), a bad token surfaces as a runtime error carrying
+            the same message when the result is used.
 
     >>> import jax, sfpjax, jax.numpy as jnp
     >>> p = sfpjax.mess3(0.15, 0.6)
@@ -263,7 +264,6 @@ def filter_beliefs(
     if not isinstance(tokens, jax.Array):  # asarray returns an Array as is, at tens of us a call
         tokens = jnp.asarray(tokens)
     _check_token_shape(tokens)
-    _check_token_values(tokens, process.vocab_size)
     batch_shape, L = tokens.shape[:-1], tokens.shape[-1]
     d = process.num_states
     if initial is not None:
@@ -290,30 +290,30 @@ def filter_beliefs(
         if not _is_replicated_on(process, mesh):
             process = replicate(process, mesh)
         run = sharded_filter(mesh, axis, per_sequence, out is not None)
+    else:
+        run = filter_fresh if out is None else filter_donated
+    try:
         return FilterResult(*run(process, tokens, initial, out))
-    if out is None:
-        return FilterResult(*filter_fresh(process, tokens, initial, None))
-    return FilterResult(*filter_donated(process, tokens, initial, out))
+    except jax.errors.JaxRuntimeError:
+        # The kernel checks the token range itself (a separate check before it would cost a
+        # pass over the tokens and a host sync on every call); when it fails on concrete
+        # tokens, name the first bad one in a short message instead of the runtime error.
+        message = _out_of_range_message(tokens, process.vocab_size)
+        if message is None:
+            raise
+    raise ValueError(message)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _any_out_of_range(tokens: Array, V: int) -> Array:
-    return ((tokens < 0) | (tokens >= V)).any()
-
-
-def _check_token_values(tokens: Array, V: int) -> None:
-    """Concrete tokens outside ``[0, V)``: a ``ValueError`` naming the first one, before any
-    kernel runs (the kernel's own check reports through a runtime callback, whose message
-    comes after pages of callback log). Traced tokens are left to the kernel's check."""
+def _out_of_range_message(tokens: Array, V: int) -> str | None:
+    """For concrete tokens outside ``[0, V)``, a message naming the first one; else ``None``."""
     if _is_traced(tokens):
-        return
-    with jax.ensure_compile_time_eval():  # concrete tokens inside an enclosing jit too
-        if not bool(_any_out_of_range(tokens, V)):
-            return
+        return None
     host = np.asarray(tokens)
     bad = np.argwhere((host < 0) | (host >= V))
+    if not bad.size:
+        return None
     first = tuple(int(i) for i in bad[0])
-    raise ValueError(
+    return (
         f"tokens outside the alphabet: every token must lie in [0, {V}) for this process with {V} "
         f"symbols; tokens[{', '.join(map(str, first))}] is {int(host[first])} ({len(bad)} of "
         f"{host.size} tokens are out of range). Check the vocabulary (a BOS or padding id must be "

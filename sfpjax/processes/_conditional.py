@@ -50,7 +50,6 @@ variants' arrays and initial states (validation runs only on concrete arrays).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Union
@@ -61,11 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._compose import encode_tokens
 from .._numerics import default_atol as _default_atol
 from .._numerics import is_traced as _is_traced
 from ._ghmm import GHMM
 from ._compose import product
+from ._encoding import Table, check_table, decode_tokens_explicit, encode_tokens_explicit, is_radix, radix_table
 
 __all__ = [
     "ConditionalProcess",
@@ -73,15 +72,12 @@ __all__ = [
     "sequential_chain",
     "product_of_experts",
     "conditional_transitions",
-    "encode_tokens_explicit",
-    "decode_tokens_explicit",
 ]
 
 # A factor: one GHMM (one variant), a GHMM with stacked T (K, V, d, d), or a sequence of GHMMs.
 Factor = Union[GHMM, Sequence[GHMM]]
 ControlMap = Union[None, int, Sequence[int], Int[ArrayLike, " n"]]
 InitialStates = Sequence[Union[Float[ArrayLike, " _d"], Sequence[float], None]]
-Table = Union[Int[ArrayLike, "V F"], Sequence[Sequence[int]]]
 
 
 class ConditionalProcess(eqx.Module):
@@ -280,7 +276,7 @@ class ConditionalProcess(eqx.Module):
         if not _is_traced(mismatch) and float(mismatch) > atol:
             self._raise_mismatch(self.emission_variants(), self.transition_variants(), self.token_to_tuple, atol)
         parentless = all(not p for p in self.transition_parents)
-        if parentless and self.vocab_size == math.prod(self.vocab_sizes) and _is_radix(self.token_to_tuple):
+        if parentless and self.vocab_size == math.prod(self.vocab_sizes) and is_radix(self.token_to_tuple):
             factors = [GHMM(t[m[0]], e, r[0], dtype=self.dtype)
                        for t, m, e, r in zip(self.T, self.transition_maps, eta0, self.rights)]
             return product(*factors)
@@ -389,19 +385,6 @@ def _kron_vectors(vs: Sequence[Array]) -> Array:
     return out
 
 
-def _radix_table(vocab_sizes: Sequence[int]) -> np.ndarray:
-    """Every tuple of the full product, composite token ``x`` at row ``x`` (``encode_tokens`` order)."""
-    return np.array(list(itertools.product(*[range(v) for v in vocab_sizes])), np.int32).reshape(-1, len(vocab_sizes))
-
-
-def _is_radix(table: Array) -> bool:
-    if _is_traced(table):
-        return False
-    t = np.asarray(table)
-    sizes = tuple(int(m) + 1 for m in t.max(0))
-    return t.shape[0] == math.prod(sizes) and np.array_equal(t, _radix_table(sizes))
-
-
 def _parent_index(tup: Int[Array, "n F"], parents: tuple[int, ...], vocab_sizes: Sequence[int]) -> Int[Array, " n"]:
     idx = jnp.zeros(tup.shape[:-1], jnp.int32)
     for p in parents:
@@ -412,120 +395,6 @@ def _parent_index(tup: Int[Array, "n F"], parents: tuple[int, ...], vocab_sizes:
 def _variant_table(maps, parents, tup, vocab_sizes) -> Int[Array, "n F"]:
     cols = [m[_parent_index(tup, ps, vocab_sizes)] for m, ps in zip(maps, parents)]
     return jnp.stack(cols, axis=-1)
-
-
-# ---------------------------------------------------------------------------------------
-# Explicit composite encodings
-
-
-def _check_table(token_to_tuple, vocab_sizes: Sequence[int] | None = None) -> np.ndarray:
-    if _is_traced(token_to_tuple):
-        raise ValueError("token_to_tuple must be concrete (it fixes the alphabet); build it outside jit/vmap.")
-    t = np.asarray(token_to_tuple)
-    if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] < 1 or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(
-            "token_to_tuple must be an integer table of shape (V, F): row x lists the factor tokens "
-            f"(x^0, ..., x^(F-1)) of composite token x; got shape {t.shape} and dtype {t.dtype}."
-        )
-    if (t < 0).any():
-        r = int(np.argwhere(t < 0)[0][0])
-        raise ValueError(f"token_to_tuple row {r} is {t[r].tolist()}: factor tokens must be non-negative.")
-    if vocab_sizes is not None:
-        if len(vocab_sizes) != t.shape[1]:
-            raise ValueError(
-                f"token_to_tuple has {t.shape[1]} columns but there are {len(vocab_sizes)} factors; "
-                "give one column per factor."
-            )
-        over = np.argwhere(t >= np.asarray(vocab_sizes)[None, :])
-        if over.size:
-            r, f = (int(v) for v in over[0])
-            raise ValueError(
-                f"token_to_tuple row {r} is {t[r].tolist()}: token {int(t[r, f])} of factor {f} is outside its "
-                f"alphabet of {vocab_sizes[f]} symbols."
-            )
-    _, first, counts = np.unique(t, axis=0, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        row = t[first[np.argmax(counts > 1)]]
-        dup = np.flatnonzero((t == row).all(1)).tolist()
-        raise ValueError(
-            f"token_to_tuple lists the tuple {row.tolist()} at rows {dup}; every tuple may have one "
-            "composite token only (the encoding must be a bijection onto its tuples)."
-        )
-    return t.astype(np.int32)
-
-
-def encode_tokens_explicit(
-    factor_tokens: Sequence[Int[ArrayLike, "*shape"]], token_to_tuple: Table
-) -> Int[Array, "*shape"]:
-    """Composite tokens of per-factor tokens under an explicit (sparse) encoding.
-
-    The explicit encoding lists the encoded tuples: composite token ``x`` stands for row
-    ``x`` of ``token_to_tuple``. The inverse is ``decode_tokens_explicit``; the full
-    mixed-radix encoding is ``encode_tokens`` (the table whose row ``x`` is
-    ``decode_tokens(x)``).
-
-    Args:
-        factor_tokens: ``F`` integer arrays of one shape, the tokens of each factor.
-        token_to_tuple: ``(V, F)`` integer table of distinct rows (concrete).
-
-    Raises:
-        ValueError: a malformed table (not 2-D integers, negative, repeated rows) or a
-            number of token arrays other than ``F``; at run time (``eqx.error_if``) a tuple
-            that the table does not list.
-
-    >>> import jax.numpy as jnp, sfpjax
-    >>> table = [[0, 0], [1, 0], [1, 1]]
-    >>> sfpjax.encode_tokens_explicit([jnp.array([1, 0]), jnp.array([0, 0])], table)
-    Array([1, 0], dtype=int32)
-    """
-    t = _check_table(token_to_tuple)
-    F = t.shape[1]
-    if len(factor_tokens) != F:
-        raise ValueError(f"give one token array per factor: the table has {F} columns, got {len(factor_tokens)} arrays.")
-    toks = [jnp.asarray(x) for x in factor_tokens]
-    if len({x.shape for x in toks}) != 1:
-        raise ValueError(f"all factor token arrays must share one shape; got {[x.shape for x in toks]}.")
-    for x in toks:
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"factor tokens must be integers, got dtype {x.dtype}.")
-    sizes = tuple(int(m) + 1 for m in t.max(0))
-    lookup = np.full(math.prod(sizes), -1, np.int32)
-    lookup[np.asarray(encode_tokens([t[:, f] for f in range(F)], sizes))] = np.arange(t.shape[0], dtype=np.int32)
-    inside = jnp.ones(toks[0].shape, bool)
-    for x, v in zip(toks, sizes):
-        inside = inside & (x >= 0) & (x < v)
-    flat = encode_tokens([jnp.where(inside, x, 0) for x in toks], sizes)
-    out = jnp.where(inside, jnp.asarray(lookup)[flat], -1)
-    return eqx.error_if(
-        out, (out < 0).any(),
-        "encode_tokens_explicit: a tuple of factor tokens is not listed in token_to_tuple; only the listed "
-        "tuples have composite tokens.",
-    )
-
-
-def decode_tokens_explicit(
-    tokens: Int[ArrayLike, "*shape"], token_to_tuple: Table
-) -> tuple[Int[Array, "*shape"], ...]:
-    """Per-factor tokens of composite tokens under an explicit encoding: row ``x`` of the table.
-
-    Raises:
-        ValueError: a malformed table; at run time, a composite token outside ``[0, V)``.
-
-    >>> import jax.numpy as jnp, sfpjax
-    >>> sfpjax.decode_tokens_explicit(jnp.array([2, 0]), [[0, 0], [1, 0], [1, 1]])
-    (Array([1, 0], dtype=int32), Array([1, 0], dtype=int32))
-    """
-    t = _check_table(token_to_tuple)
-    x = jnp.asarray(tokens)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integers, got dtype {x.dtype}.")
-    V = t.shape[0]
-    x = eqx.error_if(
-        x, ((x < 0) | (x >= V)).any(),
-        f"decode_tokens_explicit: composite tokens must lie in [0, {V}), one per row of token_to_tuple.",
-    )
-    rows = jnp.asarray(t)[x.astype(jnp.int32)]
-    return tuple(rows[..., f] for f in range(t.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -685,12 +554,12 @@ def _build(
     for name, maps in (("emission control maps", emission_maps), ("transition control maps", transition_maps)):
         if len(maps) != F:
             raise ValueError(f"{structure}: give one entry of the {name} per factor: {F} factors, {len(maps)} entries.")
-    e_maps = tuple(_control_map(m, i, p, sizes, K, f"the emission control map")
+    e_maps = tuple(_control_map(m, i, p, sizes, K, "the emission control map")
                    for i, (m, p, K) in enumerate(zip(emission_maps, e_par, Ks)))
     t_maps = e_maps if same_maps else tuple(
-        _control_map(m, i, p, sizes, K, f"the transition control map")
+        _control_map(m, i, p, sizes, K, "the transition control map")
         for i, (m, p, K) in enumerate(zip(transition_maps, t_par, Ks)))
-    table = _radix_table(sizes) if encoding is None else _check_table(encoding, sizes)
+    table = radix_table(sizes) if encoding is None else check_table(encoding, sizes)
     Ts = tuple(T.astype(dtype) for T, _, _ in parts)
     rights = tuple(r.astype(dtype) for _, r, _ in parts)
     etas = _initial_states(eta0, [e for _, _, e in parts], rights, Ks, dtype)
@@ -708,7 +577,7 @@ def _check_left_out_tuples(process: ConditionalProcess, table: np.ndarray) -> No
     """A tuple missing from an explicit encoding must be impossible from every state."""
     if any(_is_traced(t) for t in process.T) or any(_is_traced(m) for m in process.emission_maps):
         return
-    full = _radix_table(process.vocab_sizes)
+    full = radix_table(process.vocab_sizes)
     listed = {tuple(r) for r in table.tolist()}
     missing = np.array([r for r in full.tolist() if tuple(r) not in listed], np.int32).reshape(-1, process.num_factors)
     if not missing.size:

@@ -29,7 +29,7 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,41 +48,29 @@ _RECOMPUTE = (
 )
 
 
-class _ChunkedArrays(Mapping):
-    """Array metrics, merged in grid order from the per-chunk ``.npz`` files on first access."""
-
-    def __init__(self, layout: Layout, chunks: Sequence[int], specs: Mapping[str, Mapping[str, Any]]):
-        self._layout = layout
-        self._chunks = list(chunks)
-        self._specs = dict(specs)
-        self._loaded: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._specs:
-            raise KeyError(name)
-        if name not in self._loaded:
-            spec = self._specs[name]
-            parts = []
-            for c in self._chunks:
-                path = self._layout.chunk_npz(c)
-                data = read_checked(self._layout, path, c)
-                try:
-                    with np.load(io.BytesIO(data)) as z:
-                        parts.append(z[name])
-                except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged file
-                    raise ValueError(
-                        f"{path!r} cannot be read as the arrays of this sweep ({type(e).__name__}: {e}); "
-                        f"the file is damaged: {self._layout.recompute(c)}"
-                    ) from e
-            empty = np.zeros((0, *spec["shape"]), np.dtype(spec["dtype"]))
-            self._loaded[name] = np.concatenate(parts, axis=0) if parts else empty
-        return self._loaded[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
+def _read_arrays(
+    layout: Layout, chunks: Sequence[int], specs: Mapping[str, Mapping[str, Any]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The array metrics ``names``, merged in grid order from the per-chunk ``.npz`` files."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for c in chunks if names else ():
+        path = layout.chunk_npz(c)
+        data = read_checked(layout, path, c)
+        try:
+            with np.load(io.BytesIO(data)) as z:
+                for name in names:
+                    parts[name].append(z[name])
+        except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged file
+            raise ValueError(
+                f"{path!r} cannot be read as the arrays of this sweep ({type(e).__name__}: {e}); "
+                f"the file is damaged: {layout.recompute(c)}"
+            ) from e
+    out = {}
+    for name in names:
+        spec = specs[name]
+        empty = np.zeros((0, *spec["shape"]), np.dtype(spec["dtype"]))
+        out[name] = np.concatenate(parts[name], axis=0) if parts[name] else empty
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,7 +84,8 @@ class SweepResult:
             ``index`` (the point's position in the grid), every parameter, every scalar
             metric.
         arrays: metric name -> NumPy array ``(num_finished_points, *metric_shape)``, rows
-            aligned with `table`; read from the chunk files on first access.
+            aligned with `table`: the array metrics that were loaded (`load_sweep`'s
+            ``arrays=`` chooses which).
         complete: whether every chunk has finished. A folder still being swept (or whose
             run was killed) loads with the finished chunks only.
         chunk_size: points per chunk.
@@ -105,8 +94,7 @@ class SweepResult:
     path: str
     grid: Grid
     table: dict[str, np.ndarray]
-    # Values are read from disk on first access; a runtime type check must not trigger that.
-    arrays: Mapping[str, Any]
+    arrays: dict[str, np.ndarray]
     complete: bool
     chunk_size: int
 
@@ -393,7 +381,12 @@ def assemble(layout: Layout, manifest: Mapping[str, Any]) -> None:
         atomic_write(layout.results_sums, _sums_text({os.path.basename(layout.results): data}))
 
 
-def load_folder(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.ndarray] | None = None) -> SweepResult:
+def load_folder(
+    out_dir: str,
+    manifest: Mapping[str, Any],
+    table: dict[str, np.ndarray] | None = None,
+    arrays: bool | Sequence[str] = True,
+) -> SweepResult:
     """The sweep in ``out_dir``; ``table``, when given, is its whole table, already in memory."""
     g = grid_from_spec(manifest["grid"])
     layout = Layout.of(out_dir, manifest)
@@ -424,21 +417,35 @@ def load_folder(out_dir: str, manifest: Mapping[str, Any], table: dict[str, np.n
                 "sweep again to recompute them."
             ) from e
     array_specs = {k: s for k, s in specs.items() if not is_table_metric(s)}
+    if isinstance(arrays, bool):
+        names = list(array_specs) if arrays else []
+    else:
+        names = list(arrays)
+        unknown = [n for n in names if n not in array_specs]
+        if unknown:
+            raise ValueError(
+                f"arrays={names!r} names {unknown!r}, which this sweep does not store as arrays; "
+                f"its array metrics are {sorted(array_specs)!r} (table metrics are in .table)."
+            )
     return SweepResult(
         path=out_dir,
         grid=g,
         table=table,
-        arrays=_ChunkedArrays(layout, finished if array_specs else [], array_specs),
+        arrays=_read_arrays(layout, finished, array_specs, names),
         complete=complete,
         chunk_size=manifest["chunk_size"],
     )
 
 
-def load_sweep(out_dir: str | os.PathLike) -> SweepResult:
+def load_sweep(out_dir: str | os.PathLike, *, arrays: bool | Sequence[str] = True) -> SweepResult:
     """Read a sweep folder written by `run_sweep`, finished or not.
 
     Args:
         out_dir: the folder given to `run_sweep`.
+        arrays: which array metrics to read into ``result.arrays``: all of them (``True``,
+            the default), none (``False``: the table alone, without opening any ``.npz``
+            file), or a list of metric names. Every file read is checked against its
+            recorded SHA-256 first.
 
     A folder whose sweep is still running or was killed loads the finished chunks only
     (``result.complete`` is then ``False``).
@@ -453,4 +460,4 @@ def load_sweep(out_dir: str | os.PathLike) -> SweepResult:
     path = os.path.join(out_dir, "manifest.json")
     if not os.path.exists(path):
         raise ValueError(f"{out_dir!r} holds no sweep (no manifest.json); run run_sweep into it first.")
-    return load_folder(out_dir, read_manifest(path))
+    return load_folder(out_dir, read_manifest(path), arrays=arrays)

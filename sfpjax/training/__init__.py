@@ -32,9 +32,9 @@ from ._finetune import SteeringVector as SteeringVector
 from ._finetune import finetune as finetune
 from ._finetune import finetune_stack as finetune_stack
 from ._persona_data import persona_sequences as persona_sequences
-from ._rl import ArrayPrompts as ArrayPrompts
-from ._rl import PromptBatch as PromptBatch
-from ._rl import PromptSource as PromptSource
+from ._prompts import ArrayPrompts as ArrayPrompts
+from ._prompts import PromptBatch as PromptBatch
+from ._prompts import PromptSource as PromptSource
 from ._rl import RLConfig as RLConfig
 from ._rl import RLResult as RLResult
 from ._rl import make_rl_step as make_rl_step
