@@ -4,6 +4,10 @@ import os
 # Default dtypes stay float32 in sfpjax (it asks for float32 explicitly).
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
+from _env import COMPILE_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), COMPILE_FLAGS]))
+
 import jax
 import jax.random as jr
 import pytest

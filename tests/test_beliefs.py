@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import sfpjax
+from _env import subprocess_env
 from oracles import small_process, z1r_T
-from oracles import random_ghmm, random_hmm, stationary, word_prob_and_belief, words
+from oracles import random_ghmm, random_hmm, word_prob_and_belief, words
 
 
 @pytest.mark.parametrize("kind", ["hmm", "ghmm", "z1r"])
@@ -434,12 +435,9 @@ print("ok")
 
 
 def test_tokens_sharded_over_devices_filter_per_device_and_match_one_device():
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok"

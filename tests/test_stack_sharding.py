@@ -1,8 +1,9 @@
 """Stacked training and fine-tuning split their K axis over the local devices, with one device's results."""
 
-import os
 import subprocess
 import sys
+
+from _env import subprocess_env
 
 _SCRIPT = r"""
 import sys, tempfile
@@ -72,9 +73,7 @@ print("ok")
 
 
 def test_stacked_runs_split_over_two_devices_match_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("ok")
 

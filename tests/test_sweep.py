@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import sfpjax
+from _env import subprocess_env
 from sfpjax.sweep import _engine as _sweep
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -24,12 +25,7 @@ KEY = jax.random.key(7)
 
 
 def _env(**extra):
-    env = dict(os.environ)
-    env["JAX_ENABLE_X64"] = "1"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
-    return env
+    return subprocess_env(JAX_ENABLE_X64="1", **extra)
 
 
 def _assert_same(a, b):
