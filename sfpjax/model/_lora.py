@@ -20,15 +20,15 @@ means that matrix in every block.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._interventions import Intervention
 from ._transformer import Transformer, TransformerConfig
+from ._wrapped import WrappedTransformer
 
 __all__ = ["LoRAAdapter", "LoRATransformer", "lora_target_names"]
 
@@ -116,7 +116,7 @@ class LoRAAdapter(eqx.Module):
         return self.A @ self.B
 
 
-class LoRATransformer(eqx.Module):
+class LoRATransformer(WrappedTransformer):
     """A frozen :class:`Transformer` with rank-``r`` adapters on chosen weight matrices.
 
     Args:
@@ -174,15 +174,6 @@ class LoRATransformer(eqx.Module):
         self.adapters = dict(sorted(adapters.items()))  # the order pytrees give dicts
 
     @property
-    def config(self) -> TransformerConfig:
-        """The base model's config."""
-        return self.base.config
-
-    @property
-    def site_names(self) -> tuple[str, ...]:
-        return self.base.site_names
-
-    @property
     def rank(self) -> int:
         return next(iter(self.adapters.values())).A.shape[-1]
 
@@ -193,26 +184,5 @@ class LoRATransformer(eqx.Module):
             model = _add_delta(model, name, adapter.delta)
         return model
 
-    def __call__(
-        self,
-        tokens: Int[Array, " seq"],
-        *,
-        sites: Sequence[str] = (),
-        interventions: Mapping[str, Intervention] | None = None,
-    ) -> Float[Array, "seq_out vocab"] | tuple[Float[Array, "seq_out vocab"], dict[str, Array]]:
-        """As :meth:`Transformer.__call__` on :meth:`merge`."""
-        return self.merge()(tokens, sites=sites, interventions=interventions)
-
-    def batched(
-        self,
-        tokens: Int[Array, "batch seq"],
-        *,
-        sites: Sequence[str] = (),
-        interventions: Mapping[str, Intervention] | None = None,
-    ) -> (
-        Float[Array, "batch seq_out vocab"]
-        | tuple[Float[Array, "batch seq_out vocab"], dict[str, Array]]
-    ):
-        """As :meth:`Transformer.batched` on :meth:`merge`."""
-        return self.merge().batched(tokens, sites=sites, interventions=interventions)
-
+    def resolve(self, interventions):
+        return self.merge(), interventions

@@ -9,15 +9,16 @@ of the model: fine-tuning the vector alone (``sfpjax.finetune`` with
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from ._interventions import Intervention
-from ._transformer import Transformer, TransformerConfig
+from ._transformer import Transformer
+from ._wrapped import WrappedTransformer
 
 __all__ = ["SteeredTransformer"]
 
@@ -34,7 +35,7 @@ class _AddThen:
         return activation if self.then is None else self.then(activation, position_mask, inner)
 
 
-class SteeredTransformer(eqx.Module):
+class SteeredTransformer(WrappedTransformer):
     """``base`` with ``vector`` added to the activation at ``site`` at every position.
 
     Args:
@@ -74,15 +75,6 @@ class SteeredTransformer(eqx.Module):
         self.site = site
         self.vector = vector
 
-    @property
-    def config(self) -> TransformerConfig:
-        """The base model's config."""
-        return self.base.config
-
-    @property
-    def site_names(self) -> tuple[str, ...]:
-        return self.base.site_names
-
     def _interventions(self, interventions):
         interventions = {} if interventions is None else dict(interventions)
         inner = interventions.get(self.site)
@@ -95,25 +87,5 @@ class SteeredTransformer(eqx.Module):
         )
         return interventions
 
-    def __call__(
-        self,
-        tokens: Int[Array, " seq"],
-        *,
-        sites: Sequence[str] = (),
-        interventions: Mapping[str, Intervention] | None = None,
-    ) -> Float[Array, "seq_out vocab"] | tuple[Float[Array, "seq_out vocab"], dict[str, Array]]:
-        """As :meth:`Transformer.__call__`, with the vector added at :attr:`site`."""
-        return self.base(tokens, sites=sites, interventions=self._interventions(interventions))
-
-    def batched(
-        self,
-        tokens: Int[Array, "batch seq"],
-        *,
-        sites: Sequence[str] = (),
-        interventions: Mapping[str, Intervention] | None = None,
-    ) -> (
-        Float[Array, "batch seq_out vocab"]
-        | tuple[Float[Array, "batch seq_out vocab"], dict[str, Array]]
-    ):
-        """As :meth:`Transformer.batched`, with the vector added at :attr:`site`."""
-        return self.base.batched(tokens, sites=sites, interventions=self._interventions(interventions))
+    def resolve(self, interventions):
+        return self.base, self._interventions(interventions)
