@@ -28,7 +28,8 @@ def test_tiny_preset_end_to_end(tmp_path):
                 assert all(0.0 <= b <= 1.0 for b in sw["broad"])
             # The random control has the norm of the mean difference.
             assert abs(rv["norms"]["random"] - rv["norms"]["diff_means"]) < 1e-4 * max(1.0, rv["norms"]["diff_means"])
-            assert set(rv["ablation"]) == {"diff_means", "random"}
+            assert set(rv["ablation"]) == {"diff_means", "random", "diff_means (mean)", "random (mean)"}
+            assert rv["ablation"]["diff_means"]["value"] == 0.0
         names = e["geometry"]["names"]
         assert "steering_vector" in names and "persona_probe" in names
         assert any(n.endswith("mlp.W_out.B") for n in names)

@@ -150,6 +150,24 @@ def test_ablation_removes_direction_everywhere(getkey):
     np.testing.assert_allclose(abl.batched(toks), m.batched(toks, interventions={s: iv for s in writes}), atol=1e-4)
 
 
+def test_mean_ablation_sets_the_component_everywhere_and_keeps_the_rest(getkey):
+    m = _model(getkey())
+    u = jr.normal(getkey(), (16,))
+    un = (u / jnp.linalg.norm(u)).astype(jnp.float32)
+    toks = jr.randint(getkey(), (3, 7), 0, 16)
+    sites = [s for s in m.site_names if "resid" in s]
+    _, zero = sfpjax.ablate_direction_weights(m, u).batched(toks, sites=sites)
+    _, mean = sfpjax.ablate_direction_weights(m, u, value=1.5).batched(toks, sites=sites)
+    for s in sites:
+        np.testing.assert_allclose(mean[s] @ un, 1.5, atol=1e-4, err_msg=s)
+    # The first residual stream differs from zero ablation by exactly 1.5 u; later ones
+    # differ through the LayerNorms that read the shifted stream, but never along u.
+    np.testing.assert_allclose(mean["blocks.0.hook_resid_pre"] - zero["blocks.0.hook_resid_pre"],
+                               np.broadcast_to(1.5 * un, zero["blocks.0.hook_resid_pre"].shape), atol=1e-5)
+    with pytest.raises(ValueError, match="value must be finite"):
+        sfpjax.ablate_direction_weights(m, u, value=float("nan"))
+
+
 def test_lora_directions_and_overlaps(getkey):
     base = _model(getkey())
     lora = sfpjax.LoRATransformer(base, rank=1, targets=("mlp.W_in", "mlp.W_out"), key=getkey())

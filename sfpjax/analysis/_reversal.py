@@ -203,7 +203,9 @@ def fold_steering(model: Transformer, site: str, vector: Float[ArrayLike, " widt
     return eqx.tree_at(lambda m: m.blocks[layer].b_out, model, block.b_out + v.astype(block.b_out.dtype))
 
 
-def ablate_direction_weights(model: Transformer, direction: Float[ArrayLike, " d_model"]) -> Transformer:
+def ablate_direction_weights(
+    model: Transformer, direction: Float[ArrayLike, " d_model"], *, value: float = 0.0
+) -> Transformer:
     """Directional ablation at every layer and position by weight orthogonalization.
 
     With ``u = direction / |direction|`` and ``P = I - u u^T``, every write to the residual
@@ -213,9 +215,19 @@ def ablate_direction_weights(model: Transformer, direction: Float[ArrayLike, " d
     removing the projection on ``u`` after every write (Arditi et al. 2024; the EM
     ablations of Soligo et al. 2025).
 
+    ``value`` sets that component to a constant instead of zero (mean ablation): after the
+    projection, ``value * u`` is added to every row of ``W_pos``, so the residual stream's
+    component along ``u`` is ``value`` at every site and position. Zero ablation assumes
+    the activations' mean along ``u`` is near zero, as it is for the LLM directions of the
+    literature; where it is not, zeroing moves every activation to an arbitrary point on
+    the axis, and the mean projection over a reference set (``value = mean(acts @ u)``) is
+    the ablation that removes the variation along ``u`` and nothing else.
+
     Args:
         model: a :class:`Transformer`.
         direction: ``(d_model,)``, nonzero.
+        value: the component along ``direction / |direction|`` every residual-stream site
+            gets (default 0: zero ablation).
 
     >>> import jax.numpy as jnp, jax.random as jr, sfpjax
     >>> m = sfpjax.Transformer(sfpjax.TransformerConfig(vocab_size=4, n_ctx=8, d_model=16, d_mlp=32), key=jr.key(0))
@@ -242,7 +254,10 @@ def ablate_direction_weights(model: Transformer, direction: Float[ArrayLike, " d
         eqx.tree_at(lambda b: (b.W_O, b.b_O, b.W_out, b.b_out), b, (proj(b.W_O), proj(b.b_O), proj(b.W_out), proj(b.b_out)))
         for b in model.blocks
     )
-    return eqx.tree_at(lambda m: (m.W_E, m.W_pos, m.blocks), model, (proj(model.W_E), proj(model.W_pos), blocks))
+    if not np.isfinite(value):
+        raise ValueError(f"value must be finite, got {value!r}.")
+    W_pos = proj(model.W_pos) + (value * u)[None, :].astype(model.W_pos.dtype)
+    return eqx.tree_at(lambda m: (m.W_E, m.W_pos, m.blocks), model, (proj(model.W_E), W_pos, blocks))
 
 
 class ReversalMetrics(NamedTuple):
