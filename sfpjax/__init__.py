@@ -235,6 +235,7 @@ from .sweep import SweepResult as SweepResult
 from .sweep import grid as grid
 from .sweep import load_sweep as load_sweep
 from .sweep import points as points
+from .sweep import run_chunked_sweep as run_chunked_sweep
 from .sweep import run_sweep as run_sweep
 # Drift monitoring
 from .analysis import DriftPCA as DriftPCA

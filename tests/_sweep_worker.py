@@ -3,6 +3,7 @@
 Usage: python tests/_sweep_worker.py shard OUT_DIR   (expects 8 forced host devices)
        python tests/_sweep_worker.py slow OUT_DIR    (pauses after every chunk, to be killed)
        python tests/_sweep_worker.py distributed OUT_DIR PORT PROCESS_ID   (one of 2 processes)
+       python tests/_sweep_worker.py chunked OUT_DIR PORT PROCESS_ID   (run_chunked_sweep, one of 2)
 """
 
 import os
@@ -44,9 +45,12 @@ def point_fn(p):
     }
 
 
+METRIC_ORDER = ("trace", "frob", "argmax", "positive", "cube", "scaled")
+
+
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
-    if mode == "distributed":
+    if mode in ("distributed", "chunked"):
         # Must come before anything that starts the XLA backend, such as making a key.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -76,6 +80,16 @@ def main() -> None:
         res = sfpjax.run_sweep(
             point_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key,
             chunk_size=SLOW_CHUNK, progress=False,
+        )
+        if not res.complete or len(res) != len(sfpjax.grid(**SLOW_GRID)):
+            raise SystemExit(f"process {jax.process_index()} got an incomplete result: {res}")
+    elif mode == "chunked":
+        def chunk_fn(points):
+            out = jax.vmap(point_fn)(points)
+            return {k: out[k] for k in METRIC_ORDER}  # point_fn's order, as run_sweep keeps it
+
+        res = sfpjax.run_chunked_sweep(
+            chunk_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key, chunk_size=SLOW_CHUNK, progress=False,
         )
         if not res.complete or len(res) != len(sfpjax.grid(**SLOW_GRID)):
             raise SystemExit(f"process {jax.process_index()} got an incomplete result: {res}")

@@ -314,14 +314,15 @@ def test_eight_device_sharded_sweep_equals_single_device(tmp_path):
     np.testing.assert_allclose(five.arrays["cube"], eight.arrays["cube"], rtol=1e-13, atol=1e-13)
 
 
-def test_two_distributed_processes_split_chunks_and_agree(tmp_path):
+@pytest.mark.parametrize("mode", ["distributed", "chunked"])
+def test_two_distributed_processes_split_chunks_and_agree(tmp_path, mode):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "dist"
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, "distributed", str(out), str(port), str(i)],
+            [sys.executable, WORKER, mode, str(out), str(port), str(i)],
             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)

@@ -44,6 +44,7 @@ from ._store import (
     is_table_metric,
     key_spec,
     load_folder,
+    metric_spec,
     read_manifest,
     verify_chunk,
     write_chunk,
@@ -115,24 +116,7 @@ def _traced_metric_specs(
         )
     if not out:
         raise ValueError("fn returned an empty dict; return at least one metric.")
-    specs = {}
-    for name in order:
-        leaf = out[name]
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"Metric names must be Python identifiers, got {name!r}.")
-        if name in names or name in (INDEX, _KEY):
-            raise ValueError(f"Metric {name!r} clashes with a parameter or reserved column; rename it.")
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            raise ValueError(
-                f"Metric {name!r} must be one array per point (a scalar or an array), got a "
-                f"{type(leaf).__name__}; flatten nested metrics into separate names."
-            )
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            raise ValueError(f"Metric {name!r} is a PRNG key; return jax.random.key_data(...) instead.")
-        if leaf.shape[:1] != (1,):
-            raise ValueError(f"Metric {name!r} has inconsistent leading shape {leaf.shape} under vmap.")
-        specs[name] = {"shape": list(leaf.shape[1:]), "dtype": np.dtype(leaf.dtype).str}
-    return specs
+    return {name: metric_spec(name, out[name], 1, names) for name in order}
 
 
 def _per_point_bytes(lower: Callable, key: Any, grid: Grid, specs: Mapping, n_dev: int, sharding) -> int:

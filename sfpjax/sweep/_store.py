@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from .._io import atomic_write, key_parts, sha256_bytes, sha256_json
@@ -326,6 +327,28 @@ def _key_text(spec: Mapping[str, Any] | None) -> str:
 
 def _metric_text(spec: Mapping[str, Any] | None) -> str:
     return "nothing" if spec is None else f"shape {tuple(spec['shape'])} dtype {np.dtype(spec['dtype'])}"
+
+
+def metric_spec(name: Any, leaf: Any, rows: int, parameters: Sequence[str]) -> dict[str, Any]:
+    """The stored shape and dtype of metric ``name``, whose value ``leaf`` (an array or a
+    ``jax.ShapeDtypeStruct``) holds ``rows`` points along its leading axis; ``ValueError``
+    for a name or value a sweep cannot store."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"Metric names must be Python identifiers, got {name!r}.")
+    if name in parameters or name in (INDEX, "key"):
+        raise ValueError(f"Metric {name!r} clashes with a parameter or reserved column; rename it.")
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise ValueError(
+            f"Metric {name!r} must be one array per point (a scalar or an array), got a "
+            f"{type(leaf).__name__}; flatten nested metrics into separate names."
+        )
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        raise ValueError(f"Metric {name!r} is a PRNG key; return jax.random.key_data(...) instead.")
+    if tuple(leaf.shape[:1]) != (rows,):
+        raise ValueError(
+            f"Metric {name!r} has leading shape {tuple(leaf.shape)}, expected {rows} rows (one per point)."
+        )
+    return {"shape": list(leaf.shape[1:]), "dtype": np.dtype(leaf.dtype).str}
 
 
 def is_table_metric(spec: Mapping[str, Any]) -> bool:
