@@ -1,5 +1,6 @@
 """Stacked training and fine-tuning split their K axis over the local devices, with one device's results."""
 
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,31 @@ def test_stack_mesh_uses_the_largest_dividing_device_count():
     assert stack_mesh(6, fake).devices.size == 3
     assert stack_mesh(8, fake).devices.size == 4
     assert stack_mesh(7, fake) is None
+
+
+def test_a_stack_split_over_two_distributed_processes_matches_one_process(tmp_path):
+    import socket
+
+    import jax
+    import numpy as np
+
+    from _stack_case import stack_case
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "_stack_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path), str(port), str(i)], env=subprocess_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errors]
+    one = stack_case()
+    want = [np.asarray(x) for x in jax.tree.leaves(one.model)]
+    want_loss = np.asarray([r["loss"] for r in one.history if "loss" in r])
+    for pid in range(2):  # every process returns all K runs
+        got = np.load(tmp_path / f"result_{pid}.npz")
+        for i, w in enumerate(want):
+            np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["loss"], want_loss, rtol=1e-5)
+    # Each process checkpoints its own share of the runs.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["process_000", "process_001"]

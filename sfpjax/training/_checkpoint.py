@@ -68,11 +68,19 @@ def _ckpt_dir(run_dir) -> Path:
 
 
 def _manager(run_dir, *, keep: int | None = None, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=False
-    )
+    path = _ckpt_dir(run_dir)
+    options = dict(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    if jax.process_count() > 1:
+        # A run's arrays live on this process's devices (under jax.distributed a stacked run
+        # trains each process's share of the runs in its own folder), so each process
+        # checkpoints alone, with no barrier shared with processes writing other folders.
+        process = jax.process_index()
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        options.update(create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=process, active_processes={process}, barrier_sync_key_prefix=f"sfpjax_process_{process}"))
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(_ckpt_dir(run_dir), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(**options), item_handlers=handlers)
 
 
 def _config_dict(config) -> dict | None:

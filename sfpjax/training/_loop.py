@@ -33,7 +33,7 @@ from ._data import ArraySource, ConditionalSource, ProcessSource, as_source
 from ._loss import evaluate_sample, loss_floor
 from ._protocol import SequenceModel, check_model
 from ._rundir import MetricsLog, fingerprint, key_data, open_run_dir, read_rows, to_json, write_rows
-from ._shard import shard_stack, stack_mesh
+from ._shard import gather_rows, gather_shares, process_share, shard_stack, stack_mesh, take_share
 from ._step import init_opt_state, make_step
 
 __all__ = ["TrainResult", "train", "train_stack"]
@@ -129,6 +129,18 @@ def run_training(
             f"eval_process must be a sfpjax.GHMM or a sfpjax.ConditionalProcess, got {type(eval_process).__name__}."
         )
     process_axis = 0 if runs.stacked and eval_process is not None and _process_is_stacked(eval_process) else None
+    multiprocess = runs.stacked and jax.process_count() > 1
+    if multiprocess:
+        # Each process trains its share of the K runs on its own devices; gathered at the end.
+        lo, hi = process_share(key.shape[0])
+        model, key = take_share(model, lo, hi), take_share(key, lo, hi)
+        if source_axis == 0:
+            source = take_share(source, lo, hi)
+        if process_axis == 0:
+            eval_process = take_share(eval_process, lo, hi)
+        if run_dir is not None:
+            run_dir = os.path.join(os.fspath(run_dir), f"process_{jax.process_index():03d}")
+        progress = progress and jax.process_index() == 0
 
     schedule = None
     if optimizer is None:
@@ -268,6 +280,8 @@ def run_training(
     finally:
         bar.close()
         log.close()
+    if multiprocess:
+        return TrainResult(gather_shares(model), gather_shares(opt_state), gather_rows(log.rows))
     return TrainResult(model, opt_state, log.rows)
 
 
@@ -366,6 +380,12 @@ def train_stack(
     device up to float rounding. ``K`` need not divide evenly: the mesh uses the largest
     number of devices that divides ``K`` (no padding), so choose ``K`` a multiple of ``D``
     to use them all. The returned arrays keep that placement.
+
+    Under ``jax.distributed`` with ``P`` processes (call ``jax.distributed.initialize`` on
+    every host and run the same script), each process trains its contiguous share of
+    ``K / P`` runs on its own devices and every process returns all ``K`` runs, gathered
+    at the end; ``K`` must be a multiple of ``P``. A ``run_dir`` then gets one folder per
+    process (``process_000``, ...), each with the checkpoints and log of its share.
 
     Args:
         models: e.g. ``eqx.filter_vmap(lambda k: Transformer(config, key=k))(jr.split(key, K))``.

@@ -6,6 +6,12 @@ run computes, not what: every array whose leading axis is the stack axis is plac
 ``NamedSharding(mesh, P("stack"))`` and everything shared by the runs is replicated; the
 compiled step then runs ``K / D`` runs on each device with no communication between them.
 
+Under ``jax.distributed`` (several processes, one per host) each process trains a
+contiguous share of ``K / P`` runs on its own devices (``process_share``, ``take_share``)
+and the shares are gathered at the end (``gather_shares``, ``gather_rows``), so every
+process returns all ``K`` runs, as one process would. ``K`` must then be a multiple of
+the process count.
+
 ``K`` need not be a multiple of the device count: the mesh takes the largest number of
 local devices ``D' <= D`` that divides ``K`` (so ``K = 6`` on 4 devices uses 3, and a prime
 ``K`` larger than ``D`` runs on one device). Padding the stack with dummy runs would waste
@@ -21,6 +27,44 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 STACK_AXIS = "stack"
+
+
+def process_share(K: int) -> tuple[int, int]:
+    """The runs ``[lo, hi)`` of a stack of ``K`` that this process trains (all of them with one process)."""
+    P, i = jax.process_count(), jax.process_index()
+    if K % P:
+        raise ValueError(
+            f"a stack of K={K} runs cannot be split evenly over {P} processes; use a K that is a multiple "
+            f"of {P} (each process trains K / {P} runs)."
+        )
+    return i * (K // P), (i + 1) * (K // P)
+
+
+def take_share(tree, lo: int, hi: int):
+    """Runs ``lo .. hi-1`` of a stack: every array with a leading axis sliced along it."""
+    return jax.tree.map(lambda x: x[lo:hi] if eqx.is_array(x) and x.ndim else x, tree)
+
+
+def gather_shares(tree):
+    """Every process's share of a stack, concatenated along the stack axis on every process."""
+    from jax.experimental import multihost_utils
+
+    arrays, static = eqx.partition(tree, lambda x: eqx.is_array(x) and x.ndim > 0)
+    gathered = multihost_utils.process_allgather(arrays, tiled=True)
+    return eqx.combine(jax.tree.map(jax.numpy.asarray, gathered), static)
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Log rows of every process's share merged: each per-run value (a list) concatenated
+    along the runs; per-step values (``step``, ``lr``) are the same on every process."""
+    from jax.experimental import multihost_utils
+
+    fields = [(i, k) for i, row in enumerate(rows) for k in sorted(row) if isinstance(row[k], list)]
+    values = multihost_utils.process_allgather([np.asarray(rows[i][k]) for i, k in fields], tiled=True)
+    merged = [dict(row) for row in rows]
+    for (i, k), v in zip(fields, values):
+        merged[i][k] = np.asarray(v).tolist()
+    return merged
 
 
 def stack_mesh(K: int, devices=None) -> Mesh | None:
