@@ -36,6 +36,7 @@ from ._store import (
     load_folder,
     metric_spec,
     read_manifest,
+    this_process,
     verify_chunk,
     write_chunk,
 )
@@ -95,13 +96,7 @@ def run_chunked_sweep(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (points per call of fn), got {chunk_size!r}.")
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"Need 0 <= process_index < process_count, got process_index={process_index}, "
-            f"process_count={process_count}."
-        )
+    process_index, process_count = this_process(process_index, process_count)
     if key is not None and "key" in grid.names:
         raise ValueError("a grid axis named 'key' clashes with the per-point key; rename the axis.")
     out_dir = os.fspath(out_dir)

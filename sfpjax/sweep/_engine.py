@@ -46,6 +46,7 @@ from ._store import (
     load_folder,
     metric_spec,
     read_manifest,
+    this_process,
     verify_chunk,
     write_chunk,
 )
@@ -234,13 +235,7 @@ def run_sweep(
         raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}.")
     if key is not None and _KEY in grid.names:
         raise ValueError(f"The grid has an axis named {_KEY!r}, which clashes with the per-point key; rename it.")
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"Need 0 <= process_index < process_count, got process_index={process_index}, "
-            f"process_count={process_count}."
-        )
+    process_index, process_count = this_process(process_index, process_count)
     out_dir = os.fspath(out_dir)
     n = len(grid)
 

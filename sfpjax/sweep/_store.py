@@ -351,6 +351,18 @@ def metric_spec(name: Any, leaf: Any, rows: int, parameters: Sequence[str]) -> d
     return {"shape": list(leaf.shape[1:]), "dtype": np.dtype(leaf.dtype).str}
 
 
+def this_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """``(process_index, process_count)`` of a sweep's share, defaulting to JAX's (checked)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"Need 0 <= process_index < process_count, got process_index={process_index}, "
+            f"process_count={process_count}."
+        )
+    return process_index, process_count
+
+
 def is_table_metric(spec: Mapping[str, Any]) -> bool:
     """Whether a metric of this shape and dtype is a table column (else an ``.npz`` array)."""
     return not spec["shape"] and np.dtype(spec["dtype"]).kind in _TABLE_KINDS
