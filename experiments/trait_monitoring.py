@@ -82,6 +82,9 @@ class Config:
     misaligned_share: float = 0.1
     mixing: float = 0.0
     trigger_rate: float = 0.02
+    # Domain-specific persona markers: the one persona-world knob under which narrow MD
+    # fine-tuning raised broad EM in the persona-engineering grid.
+    entangled: bool = False
     model: sfpjax.TransformerConfig = dataclasses.field(default_factory=_model_config)
     pretrain: sfpjax.TrainConfig = dataclasses.field(default_factory=_pretrain_config)
     finetune: sfpjax.TrainConfig = dataclasses.field(default_factory=_finetune_config)
@@ -209,7 +212,7 @@ def main(argv=None):
     key = jr.key(config.seed)
     pre_key, trait_key, prompt_key, ft_key, dir_key = jr.split(key, 5)
     world = sfpjax.persona_world(persona_weights=(1 - config.misaligned_share, config.misaligned_share),
-                                 mixing=config.mixing, trigger_rate=config.trigger_rate)
+                                 mixing=config.mixing, trigger_rate=config.trigger_rate, entangled=config.entangled)
     base = pretrain(config, world, pre_key)
 
     ctx = sfpjax.sample(world.process, key=trait_key, batch_size=config.trait_contexts, seq_len=config.pretrain.seq_len)
