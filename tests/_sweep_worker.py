@@ -65,13 +65,14 @@ def main() -> None:
             chunk_size=SHARD_CHUNK, progress=False,
         )
     elif mode == "slow":
-        write = _sweep.write_chunk
+        write = _sweep.write_points
 
         def write_then_pause(*args, **kwargs):
-            write(*args, **kwargs)
+            out = write(*args, **kwargs)
             time.sleep(0.4)
+            return out
 
-        _sweep.write_chunk = write_then_pause
+        _sweep.write_points = write_then_pause
         sfpjax.run_sweep(
             point_fn, sfpjax.grid(**SLOW_GRID), out_dir=out_dir, key=key,
             chunk_size=SLOW_CHUNK, progress=False,

@@ -22,23 +22,23 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from .._io import atomic_write
-from ._grid import INDEX, Grid, grid_spec
+from ._grid import Grid, grid_spec
 from ._store import (
-    FORMAT,
-    VERSION,
     Layout,
     SweepResult,
     assemble,
+    check_key_axis,
     check_manifest,
     fingerprint,
     is_table_metric,
     key_spec,
     load_folder,
     metric_spec,
+    new_manifest,
     read_manifest,
     this_process,
     verify_chunk,
-    write_chunk,
+    write_points,
 )
 
 __all__ = ["run_chunked_sweep"]
@@ -97,18 +97,16 @@ def run_chunked_sweep(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (points per call of fn), got {chunk_size!r}.")
     process_index, process_count = this_process(process_index, process_count)
-    if key is not None and "key" in grid.names:
-        raise ValueError("a grid axis named 'key' clashes with the per-point key; rename the axis.")
+    check_key_axis(grid, key)
     out_dir = os.fspath(out_dir)
     n = len(grid)
     chunk_size = min(chunk_size, n)
     num_chunks = -(-n // chunk_size)
-    g_spec, k_spec = grid_spec(grid), key_spec(key)
     path = os.path.join(out_dir, "manifest.json")
     manifest = read_manifest(path) if os.path.exists(path) else None
     if manifest is not None:
-        check_manifest(manifest, {**manifest, "fingerprint": fingerprint(g_spec, k_spec), "grid": g_spec,
-                                  "key": k_spec}, out_dir)
+        # The metrics are known once fn has run; the grid and key are checked now.
+        check_manifest(manifest, new_manifest(grid, key, manifest["metrics"]), out_dir)
         if manifest["chunk_size"] != chunk_size:
             raise ValueError(
                 f"out_dir {out_dir!r} was started with chunk_size={manifest['chunk_size']}, got "
@@ -117,17 +115,16 @@ def run_chunked_sweep(
     layout = Layout(out_dir, num_chunks)
     os.makedirs(layout.chunks, exist_ok=True)
 
-    def evaluate(c: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
-        cols = grid.columns(lo, hi)
+    def evaluate(lo: int, cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         points = {k: jnp.asarray(v, jax.dtypes.canonicalize_dtype(v.dtype)) for k, v in cols.items()}
         if key is not None:
-            points["key"] = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(lo, hi, dtype=jnp.int32))
+            idx = jnp.arange(lo, lo + len(next(iter(cols.values()))), dtype=jnp.int32)
+            points["key"] = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
         out = fn(points)
         if not isinstance(out, Mapping) or not out:
             raise ValueError(f"fn must return a non-empty dict of metric arrays, got {type(out).__name__}.")
         # fn's order of metrics is the table's (a pytree round trip would sort the names).
-        return cols, {name: np.asarray(jax.device_get(v)) for name, v in out.items()}
+        return {name: np.asarray(jax.device_get(v)) for name, v in out.items()}
 
     from tqdm.auto import tqdm
 
@@ -139,26 +136,18 @@ def run_chunked_sweep(
                 verify_chunk(layout, c, with_arrays=any(not is_table_metric(s) for s in manifest["metrics"].values()))
                 bar.update(1)
                 continue
-            cols, out = evaluate(c)
-            specs = {name: metric_spec(name, v, len(next(iter(cols.values()))), grid.names) for name, v in out.items()}
+            lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
+            cols = grid.columns(lo, hi)
+            out = evaluate(lo, cols)
+            specs = {name: metric_spec(name, v, hi - lo, grid.names) for name, v in out.items()}
             if manifest is None:
-                table = [k for k, s in specs.items() if is_table_metric(s)]
-                manifest = {
-                    "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(g_spec, k_spec),
-                    "grid": g_spec, "key": k_spec, "num_points": n, "metrics": specs,
-                    "columns": [INDEX, *grid.names, *table], "checksums": "sha256",
-                    "chunk_size": chunk_size, "num_chunks": num_chunks,
-                }
+                manifest = {**new_manifest(grid, key, specs), "chunk_size": chunk_size, "num_chunks": num_chunks}
                 if process_index == 0:
                     atomic_write(path, json.dumps(manifest, indent=1).encode())
             else:
                 check_manifest(manifest, {**manifest, "metrics": specs}, out_dir)
-            lo = c * chunk_size
-            rows = len(next(iter(cols.values())))
-            table = manifest["columns"][1 + len(grid.names):]
-            columns = [np.arange(lo, lo + rows, dtype=np.int64), *cols.values(), *(out[k] for k in table)]
-            arrays = {k: out[k] for k, s in manifest["metrics"].items() if not is_table_metric(s)}
-            write_chunk(layout, c, manifest["columns"], columns, arrays)
+            arrays = [k for k, s in manifest["metrics"].items() if not is_table_metric(s)]
+            write_points(layout, c, manifest["columns"], lo, cols, out, arrays)
             bar.update(1)
     finally:
         bar.close()
@@ -167,15 +156,16 @@ def run_chunked_sweep(
     if multihost:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"sfpjax_chunked_sweep_{fingerprint(g_spec, k_spec)[:16]}")
+        # A process without a chunk has no manifest yet: the barriers are named by grid and key.
+        tag = fingerprint(grid_spec(grid), key_spec(key))[:16]
+        multihost_utils.sync_global_devices(f"sfpjax_chunked_sweep_{tag}")
     if manifest is None:  # this process had no chunk and none was written yet
         if not os.path.exists(path):
             raise ValueError(f"no chunk of the sweep in {out_dir!r} has finished yet; run process 0 first.")
         manifest = read_manifest(path)
+    # Process 0 computes chunk 0, so it holds the manifest and has written it.
     if process_index == 0 and not layout.complete() and all(layout.done(c) for c in range(num_chunks)):
-        if not os.path.exists(path):
-            atomic_write(path, json.dumps(manifest, indent=1).encode())
         assemble(layout, manifest)
     if multihost:  # every process returns the whole table
-        multihost_utils.sync_global_devices(f"sfpjax_chunked_table_{fingerprint(g_spec, k_spec)[:16]}")
+        multihost_utils.sync_global_devices(f"sfpjax_chunked_table_{tag}")
     return load_folder(out_dir, manifest)

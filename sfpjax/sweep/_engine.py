@@ -32,23 +32,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray
 
 from .._io import atomic_write
-from ._grid import INDEX, Grid, grid_spec
+from ._grid import Grid
 from ._store import (
-    FORMAT,
-    VERSION,
     Layout,
     SweepResult,
     assemble,
+    check_key_axis,
     check_manifest,
-    fingerprint,
     is_table_metric,
-    key_spec,
     load_folder,
     metric_spec,
+    new_manifest,
     read_manifest,
     this_process,
     verify_chunk,
-    write_chunk,
+    write_points,
 )
 
 __all__ = ["run_sweep"]
@@ -233,11 +231,9 @@ def run_sweep(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
     if memory_budget_bytes is not None and memory_budget_bytes < 1:
         raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}.")
-    if key is not None and _KEY in grid.names:
-        raise ValueError(f"The grid has an axis named {_KEY!r}, which clashes with the per-point key; rename it.")
+    check_key_axis(grid, key)
     process_index, process_count = this_process(process_index, process_count)
     out_dir = os.fspath(out_dir)
-    n = len(grid)
 
     devices = list(jax.local_devices() if devices is None else devices)
     if not devices:
@@ -257,21 +253,9 @@ def run_sweep(
     jitted = functools.partial(compiled, fn, key is not None)
     lower = functools.partial(compiled.lower, fn, key is not None)
 
-    g_spec, k_spec = grid_spec(grid), key_spec(key)
-    table_metrics = [k for k, s in specs.items() if is_table_metric(s)]
+    new = new_manifest(grid, key, specs)
     array_metrics = [k for k, s in specs.items() if not is_table_metric(s)]
-    header = [INDEX, *grid.names, *table_metrics]
-    new = {
-        "format": FORMAT,
-        "version": VERSION,
-        "fingerprint": fingerprint(g_spec, k_spec),
-        "grid": g_spec,
-        "key": k_spec,
-        "num_points": n,
-        "metrics": specs,
-        "columns": header,
-        "checksums": "sha256",
-    }
+    header = new["columns"]
 
     def resolve() -> dict[str, Any]:
         return _resolve_manifest(
@@ -295,7 +279,7 @@ def run_sweep(
     chunk_size, num_chunks = manifest["chunk_size"], manifest["num_chunks"]
     layout = Layout.of(out_dir, manifest)
 
-    computed: dict[int, list[np.ndarray]] = {}
+    computed: dict[int, tuple[list[np.ndarray], dict[str, np.ndarray]]] = {}
     mine = _my_chunks(num_chunks, process_index, process_count)
     finished = {c for c in mine if layout.done(c)}
     todo = [c for c in mine if c not in finished]
@@ -306,7 +290,7 @@ def run_sweep(
     if todo and not layout.complete():
         padded = -(-chunk_size // n_dev) * n_dev
         computed = _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header,
-                               table_metrics, array_metrics, sharded, replicated, progress)
+                               array_metrics, sharded, replicated, progress)
 
     if multihost:
         multihost_utils.sync_global_devices(f"sfpjax_sweep_chunks_{manifest['fingerprint'][:16]}")
@@ -322,11 +306,13 @@ def run_sweep(
     if multihost:
         multihost_utils.sync_global_devices(f"sfpjax_sweep_table_{manifest['fingerprint'][:16]}")
     if len(computed) == num_chunks and layout.complete():
-        # Every chunk was computed here: the table is in memory, equal to what the files
-        # read back as (the text round-trips exactly), so it is not parsed again.
-        table = {name: np.concatenate([computed[c][i] for c in range(num_chunks)])
-                 for i, name in enumerate(header)}
-        return load_folder(out_dir, manifest, table)
+        # Every chunk was computed here: table and arrays are in memory, equal to what the
+        # files read back as (the text round-trips exactly, .npz stores the arrays as they
+        # are), so nothing is read back.
+        chunks = [computed[c] for c in range(num_chunks)]
+        table = {name: np.concatenate([cols[i] for cols, _ in chunks]) for i, name in enumerate(header)}
+        arrays = {name: np.concatenate([arr[name] for _, arr in chunks]) for name in array_metrics}
+        return load_folder(out_dir, manifest, table, array_values=arrays)
     return load_folder(out_dir, manifest)
 
 
@@ -377,9 +363,9 @@ def _resolve_manifest(
     return manifest
 
 
-def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, table_metrics,
-                array_metrics, sharded, replicated, progress) -> dict[int, list[np.ndarray]]:
-    """Evaluate and write the chunks in ``todo``; returns each one's table columns."""
+def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, array_metrics, sharded,
+                replicated, progress) -> dict[int, tuple[list[np.ndarray], dict[str, np.ndarray]]]:
+    """Evaluate and write the chunks in ``todo``; returns each one's table columns and arrays."""
     from tqdm.auto import tqdm
 
     n = len(grid)
@@ -410,9 +396,7 @@ def _run_chunks(jitted, key, grid, layout, todo, chunk_size, padded, header, tab
             out = {k: np.asarray(v)[: hi - lo] for k, v in jax.device_get(pending).items()}
         except (RuntimeError, ValueError) as e:
             raise _name_failing_point(e, grid, lo, hi - lo, padded, functools.partial(evaluate, lo, cols)) from e
-        columns = [np.arange(lo, hi, dtype=np.int64), *cols.values(), *(out[k] for k in table_metrics)]
-        write_chunk(layout, c, header, columns, {k: out[k] for k in array_metrics})
-        computed[c] = columns
+        computed[c] = write_points(layout, c, header, lo, cols, out, array_metrics)
         return hi - lo
 
     bar = tqdm(total=len(todo), unit="chunk", disable=not progress, desc="sweep")

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from .._io import atomic_write, key_parts, sha256_bytes, sha256_json
-from ._grid import INDEX, Grid, grid_differences, grid_from_spec
+from ._grid import INDEX, Grid, grid_differences, grid_from_spec, grid_spec
 
 __all__ = ["SweepResult", "load_sweep"]
 
@@ -363,6 +363,50 @@ def this_process(process_index: int | None, process_count: int | None) -> tuple[
     return process_index, process_count
 
 
+def check_key_axis(grid: Grid, key: Any) -> None:
+    """A grid axis named ``key`` would clash with the per-point key column."""
+    if key is not None and "key" in grid.names:
+        raise ValueError("The grid has an axis named 'key', which clashes with the per-point key; rename it.")
+
+
+def new_manifest(grid: Grid, key: Any, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest of a sweep of ``grid`` with ``key`` and these metric specs, without its
+    chunk layout (``chunk_size``, ``num_chunks``)."""
+    g_spec, k_spec = grid_spec(grid), key_spec(key)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint(g_spec, k_spec),
+        "grid": g_spec,
+        "key": k_spec,
+        "num_points": len(grid),
+        "metrics": dict(specs),
+        "columns": [INDEX, *grid.names, *(k for k, s in specs.items() if is_table_metric(s))],
+        "checksums": "sha256",
+    }
+
+
+def write_points(
+    layout: Layout,
+    c: int,
+    header: Sequence[str],
+    lo: int,
+    params: Mapping[str, np.ndarray],
+    metrics: Mapping[str, np.ndarray],
+    array_names: Sequence[str],
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Write chunk ``c``: the points from grid index ``lo`` on, their parameters and metrics.
+
+    Returns the chunk's table columns (in ``header`` order) and its array metrics.
+    """
+    rows = len(next(iter(params.values())))
+    columns = [np.arange(lo, lo + rows, dtype=np.int64), *params.values(),
+               *(metrics[k] for k in header[1 + len(params):])]
+    arrays = {k: metrics[k] for k in array_names}
+    write_chunk(layout, c, header, columns, arrays)
+    return columns, arrays
+
+
 def is_table_metric(spec: Mapping[str, Any]) -> bool:
     """Whether a metric of this shape and dtype is a table column (else an ``.npz`` array)."""
     return not spec["shape"] and np.dtype(spec["dtype"]).kind in _TABLE_KINDS
@@ -421,8 +465,10 @@ def load_folder(
     manifest: Mapping[str, Any],
     table: dict[str, np.ndarray] | None = None,
     arrays: bool | Sequence[str] = True,
+    array_values: dict[str, np.ndarray] | None = None,
 ) -> SweepResult:
-    """The sweep in ``out_dir``; ``table``, when given, is its whole table, already in memory."""
+    """The sweep in ``out_dir``; ``table`` and ``array_values``, when given, are its whole
+    table and its array metrics, already in memory (the call that computed every chunk)."""
     g = grid_from_spec(manifest["grid"])
     layout = Layout.of(out_dir, manifest)
     specs = manifest["metrics"]
@@ -466,7 +512,7 @@ def load_folder(
         path=out_dir,
         grid=g,
         table=table,
-        arrays=_read_arrays(layout, finished, array_specs, names),
+        arrays=_read_arrays(layout, finished, array_specs, names) if array_values is None else array_values,
         complete=complete,
         chunk_size=manifest["chunk_size"],
     )
