@@ -36,9 +36,9 @@ from ._persona import PersonaWorld as PersonaWorld
 from ._persona import marker_sector as marker_sector
 from ._persona import persona_world as persona_world
 from ._conditional import ConditionalProcess as ConditionalProcess
-from ._conditional import conditional_product as conditional_product
-from ._conditional import conditional_transitions as conditional_transitions
-from ._conditional import product_of_experts as product_of_experts
-from ._conditional import sequential_chain as sequential_chain
+from ._conditional_build import conditional_product as conditional_product
+from ._conditional_build import conditional_transitions as conditional_transitions
+from ._conditional_build import product_of_experts as product_of_experts
+from ._conditional_build import sequential_chain as sequential_chain
 from ._encoding import decode_tokens_explicit as decode_tokens_explicit
 from ._encoding import encode_tokens_explicit as encode_tokens_explicit
